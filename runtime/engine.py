@@ -142,8 +142,9 @@ class EmbeddedBackend(Backend):
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         self._engine = await asyncio.to_thread(_construct_engine, kwargs)
         tm = self._engine.tokenizer_manager
+        saved = _current_handlers()
         tm.auto_create_handle_loop()  # binds SGLang's receive loop to this event loop
-        self._reclaim_signals()
+        self._reclaim_signals(saved)
         self._tokenizer = tm.tokenizer
         loads = await tm.get_loads()
         kv_tokens = int(loads[0].max_total_num_tokens) if loads else int(kwargs.get("max_total_tokens", 0))
@@ -162,20 +163,23 @@ class EmbeddedBackend(Backend):
         self._dead_reason = None
         self.startup_s = time.monotonic() - started
 
-    def _reclaim_signals(self) -> None:
+    def _reclaim_signals(self, saved: dict[int, Any]) -> None:
+        """Undo SGLang's loop signal handlers: SIGTERM goes back to the host's handler (uvicorn's
+        graceful shutdown), SIGQUIT (SGLang's watchdog: a child died) marks the engine dead."""
         if threading.current_thread() is not threading.main_thread() or self._loop is None:
             return
         loop = self._loop
         for sig in (signal.SIGTERM, signal.SIGQUIT):
             try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)  # resets to SIG_DFL: restore below
+            except (NotImplementedError, RuntimeError, ValueError):
                 pass
+        if signal.SIGTERM in saved and saved[signal.SIGTERM] is not None:
+            signal.signal(signal.SIGTERM, saved[signal.SIGTERM])
         try:
             loop.add_signal_handler(signal.SIGQUIT, self._child_died)
         except (NotImplementedError, RuntimeError):
             pass
-        # SIGTERM: whatever the host installed with signal.signal (uvicorn) applies again.
 
     def _child_died(self) -> None:
         self.mark_dead("an SGLang engine process died")
@@ -272,6 +276,12 @@ class EmbeddedBackend(Backend):
             return None
         loads = await self._engine.tokenizer_manager.get_loads()
         return sum(int(l.num_used_tokens) for l in loads)
+
+
+def _current_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGQUIT)}
 
 
 def _construct_engine(kwargs: dict[str, Any]) -> Any:

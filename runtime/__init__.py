@@ -1,0 +1,1 @@
+"""Owns the engine: config, model store, engine lifecycle, sessions, metrics, the server."""

@@ -1,0 +1,372 @@
+"""One agent turn, from validated params to streamed events and a result.
+
+The request path below the socket: session lookup -> `programs` renders only the new turn's
+tokens and builds the constraint -> the backend streams -> `programs` parses the stream into
+text / reasoning / tool calls -> events go to the caller's `emit`. The server (runtime.app)
+owns the wire; this module owns the meaning of a turn:
+
+- A session turn sends `session.token_ids + turn_ids(new messages)`; on success the session
+  becomes that prompt plus the output ids (append-only). A cancelled or failed turn leaves the
+  session exactly as it was, so the client may simply retry it.
+- Every tool call is validated against its tool's JSON Schema before it is emitted; an
+  invalid one ends the turn with an error, never reaches the client as a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import programs
+from protocol import errors as rpc
+from runtime.backend import Backend, BackendError, BackendOverloaded, BackendUnavailable, GenRequest, Sampling
+from runtime.config import Config
+from runtime.metrics import METRICS
+from runtime.sessions import SessionLimit, SessionNotFound, SessionStore
+
+log = logging.getLogger("runtime.service")
+
+Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class TurnOutcome:
+    text: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "error"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    error: rpc.RpcError | None = None
+    session_id: str | None = None
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+    def timings(self) -> dict[str, float]:
+        return {"ttft_ms": round(self.ttft_ms, 3), "total_ms": round(self.total_ms, 3)}
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "tool_calls": self.tool_calls,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage(),
+            "timings": self.timings(),
+        }
+
+
+class AgentRuntime:
+    """Backend + sessions + the tool-call program: everything a connection calls into."""
+
+    def __init__(self, cfg: Config, backend: Backend):
+        self.cfg = cfg
+        self.backend = backend
+        self.sessions = SessionStore(
+            max_sessions=cfg.max_sessions, max_per_owner=cfg.max_sessions_per_key, ttl_s=cfg.session_ttl_s
+        )
+        self._renderer: programs.Renderer | None = None
+        self._fmt: programs.ToolFormat | None = None
+        self._prefix_cache: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def fmt(self) -> programs.ToolFormat:
+        if self._fmt is None:
+            self._fmt = programs.format_for(self.backend.tokenizer, self.backend.info.extra.get("model_path"))
+        return self._fmt
+
+    @property
+    def renderer(self) -> programs.Renderer:
+        if self._renderer is None:
+            self._renderer = programs.Renderer(self.backend.tokenizer, self.fmt)
+        return self._renderer
+
+    @property
+    def end_token_ids(self) -> set[int]:
+        """Token ids that end an assistant turn (the session's turn is then closed)."""
+        tok = self.backend.tokenizer
+        ids = {i for i in (tok.eos_token_id,) if i is not None}
+        end = getattr(self.fmt, "end_of_turn", None)
+        if end:
+            tid = tok.convert_tokens_to_ids(end)
+            if isinstance(tid, int) and tid != tok.unk_token_id:
+                ids.add(tid)
+        return ids
+
+    def _require_ready(self) -> None:
+        if not self.backend.is_ready():
+            raise rpc.EngineUnavailable("the engine is not ready (starting, restarting, or stopped); retry shortly")
+
+    @staticmethod
+    def _check_tools(tools: list[dict] | None) -> list[dict]:
+        try:
+            return programs.check_tools(tools or [])
+        except programs.ToolSchemaError as exc:
+            if exc.keyword:
+                raise rpc.UnsupportedToolSchema(exc.tool, exc.keyword, f"tool {exc.tool!r}: {exc.reason}") from None
+            raise rpc.InvalidParams(
+                f"Invalid params: tools: {exc.reason}", {"errors": [{"field": "tools", "message": f"{exc.tool}: {exc.reason}"}]}
+            ) from None
+
+    def _prefix_ids(self, system_prompt: str | None, tools: list[dict]) -> list[int]:
+        # Agent definitions repeat across sessions: render each once.
+        key = repr((system_prompt, tools))
+        ids = self._prefix_cache.get(key)
+        if ids is None:
+            ids = self.renderer.prefix_ids(system_prompt, tools)
+            if len(self._prefix_cache) > 256:
+                self._prefix_cache.clear()
+            self._prefix_cache[key] = ids
+        return list(ids)
+
+    # ------------------------------------------------------------------ sessions
+    async def open_session(self, *, system_prompt: str | None, tools: list[dict] | None, owner: str) -> dict[str, Any]:
+        self._require_ready()
+        canonical = self._check_tools(tools)
+        prefix = self._prefix_ids(system_prompt, canonical)
+        limit = self.backend.info.context_length
+        if len(prefix) >= limit:
+            raise rpc.ContextLengthExceeded(len(prefix), limit, "the system prompt and tools alone exceed the context length")
+        try:
+            session = self.sessions.open(owner=owner, system_prompt=system_prompt, tools=canonical, prefix_ids=prefix)
+        except SessionLimit as exc:
+            raise rpc.Overloaded(5000, str(exc)) from None
+        METRICS.sessions_open.set(len(self.sessions))
+        await self._warm(prefix)
+        return {"session_id": session.id, "prefix_tokens": session.prefix_tokens}
+
+    async def _warm(self, prefix: list[int]) -> None:
+        """Compute the prefix once so the first turn (and other sessions) find it cached."""
+        req = GenRequest(rid=f"warm-{uuid.uuid4().hex}", input_ids=prefix, sampling=Sampling(max_new_tokens=1))
+        try:
+            async for _ in self.backend.stream(req):
+                pass
+        except BackendError as exc:  # warming is an optimisation; the turn itself reports errors
+            log.warning("prefix warm-up failed: %s", exc)
+
+    def close_session(self, session_id: str, *, owner: str) -> dict[str, Any]:
+        try:
+            self.sessions.close(session_id, owner=owner)
+        except SessionNotFound:
+            raise rpc.SessionNotFound(session_id) from None
+        METRICS.sessions_open.set(len(self.sessions))
+        return {"closed": True}
+
+    # ------------------------------------------------------------------ generate
+    async def generate(
+        self,
+        params: Any,
+        *,
+        owner: str,
+        emit: Emit,
+        cancelled: asyncio.Event,
+        rid: str | None = None,
+    ) -> TurnOutcome:
+        """Run one turn. Raises rpc.RpcError for requests refused before the engine saw them;
+        once generation started, failures come back as an outcome with finish_reason 'error'."""
+        self._require_ready()
+        started = time.perf_counter()
+        p = params
+        session = None
+        if p.session_id is not None:
+            if p.system_prompt is not None or p.tools is not None:
+                raise rpc.InvalidParams(
+                    "Invalid params: system_prompt and tools come from the session when session_id is given",
+                    {"errors": [{"field": "system_prompt" if p.system_prompt is not None else "tools",
+                                 "message": "not allowed with session_id (set them in session.open)"}]},
+                )
+            try:
+                session = self.sessions.get(p.session_id, owner=owner)
+            except SessionNotFound:
+                raise rpc.SessionNotFound(p.session_id) from None
+        tools = session.tools if session else self._check_tools(_dump_list(p.tools))
+        program = self._program(tools, p)
+        messages = [_dump(m) for m in p.messages]
+
+        if session is None:
+            return await self._run(None, self.renderer.full_ids(p.system_prompt, tools, messages), program, p,
+                                   tools=tools, emit=emit, cancelled=cancelled, started=started, rid=rid)
+        async with session.lock:  # one turn at a time per session; a second waits its turn
+            self._check_turn_messages(session, messages)
+            new_ids = self.renderer.turn_ids(messages, close_previous=session.open_turn)
+            prompt = session.token_ids + new_ids
+            outcome = await self._run(session, prompt, program, p, tools=tools, emit=emit,
+                                      cancelled=cancelled, started=started, rid=rid)
+            outcome.session_id = session.id
+            return outcome
+
+    def _program(self, tools: list[dict], p: Any) -> programs.ToolProgram:
+        choice = p.tool_choice if isinstance(p.tool_choice, str) or p.tool_choice is None else _dump(p.tool_choice)
+        choice = choice or "auto"
+        names = {t["function"]["name"] for t in tools}
+        if isinstance(choice, dict):
+            name = choice.get("function", {}).get("name")
+            if name not in names:
+                raise rpc.InvalidParams(
+                    f"Invalid params: tool_choice names {name!r}, which is not among the tools",
+                    {"errors": [{"field": "tool_choice.function.name", "message": f"unknown tool {name!r}; tools: {sorted(names)}"}]},
+                )
+        elif choice == "required" and not tools:
+            raise rpc.InvalidParams(
+                "Invalid params: tool_choice 'required' needs at least one tool",
+                {"errors": [{"field": "tool_choice", "message": "'required' with no tools"}]},
+            )
+        parallel = True if p.parallel_tool_calls is None else bool(p.parallel_tool_calls)
+        return programs.ToolProgram(self.fmt, tools, tool_choice=choice, parallel_tool_calls=parallel)
+
+    @staticmethod
+    def _check_turn_messages(session: Any, messages: list[dict]) -> None:
+        if not messages:
+            raise rpc.InvalidParams("Invalid params: messages: a turn needs at least one new message",
+                                    {"errors": [{"field": "messages", "message": "empty"}]})
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role not in ("user", "tool"):
+                raise rpc.InvalidParams(
+                    f"Invalid params: messages.{i}.role: {role!r} cannot be appended to a session "
+                    "(a session turn sends user text or tool results; the system prompt is fixed at session.open)",
+                    {"errors": [{"field": f"messages.{i}.role", "message": "only 'user' or 'tool' in a session turn"}]},
+                )
+            if role == "tool" and m.get("tool_call_id") not in session.pending_calls:
+                raise rpc.InvalidParams(
+                    f"Invalid params: messages.{i}.tool_call_id does not answer a call of the last turn",
+                    {"errors": [{"field": f"messages.{i}.tool_call_id",
+                                 "message": f"unknown call id; open calls: {sorted(session.pending_calls)}"}]},
+                )
+            if role == "tool" and "name" not in m:
+                m["name"] = session.pending_calls[m["tool_call_id"]]
+
+    def _sampling(self, p: Any, program: programs.ToolProgram, prompt_tokens: int) -> Sampling:
+        limit = self.backend.info.context_length
+        if prompt_tokens >= limit:
+            raise rpc.ContextLengthExceeded(prompt_tokens, limit)
+        max_tokens = min(p.max_tokens or self.cfg.default_max_tokens, self.cfg.max_tokens_cap, limit - prompt_tokens)
+        return Sampling(
+            max_new_tokens=max_tokens,
+            temperature=0.0 if p.temperature is None else float(p.temperature),
+            top_p=1.0 if p.top_p is None else float(p.top_p),
+            stop=tuple(p.stop or ()),
+            seed=p.seed,
+            constraint=program.constraint(),
+        )
+
+    async def _run(self, session, prompt, program, p, *, tools, emit, cancelled, started, rid) -> TurnOutcome:
+        sampling = self._sampling(p, program, len(prompt))
+        if self.backend.inflight() >= self.cfg.max_queue:
+            METRICS.errors.labels(code=str(rpc.OVERLOADED)).inc()
+            raise rpc.Overloaded(retry_after_ms=1000, message=f"the engine queue is full ({self.cfg.max_queue} requests); retry later")
+        request = GenRequest(rid=rid or uuid.uuid4().hex, input_ids=prompt, sampling=sampling)
+        out = TurnOutcome(prompt_tokens=len(prompt))
+        parser = program.parser()
+        by_name = {t["function"]["name"]: t for t in tools}
+        state: dict[str, Any] = {"text": "", "ids": [], "finish": None, "first": None}
+        pending: dict[str, str] = {}
+
+        async def handle(events: list[Any]) -> None:
+            for ev in events:
+                if isinstance(ev, programs.TextDelta):
+                    if ev.text:
+                        out.text += ev.text
+                        await emit("text_chunk", {"text": ev.text})
+                elif isinstance(ev, programs.ReasoningDelta):
+                    if ev.text:
+                        await emit("reasoning_chunk", {"text": ev.text})
+                elif isinstance(ev, programs.ToolCallEvent):
+                    tool = by_name.get(ev.name)
+                    problems = ["unknown tool"] if tool is None else programs.validate_arguments(tool, ev.arguments)
+                    if problems:
+                        METRICS.invalid_calls.inc()
+                        raise _BadOutput(f"the model produced an invalid call of {ev.name!r}: {'; '.join(problems[:3])}")
+                    call_id = session.next_call_id() if session else f"call_{uuid.uuid4().hex[:16]}"
+                    call = {"call_id": call_id, "name": ev.name, "arguments": ev.arguments}
+                    out.tool_calls.append(call)
+                    pending[call_id] = ev.name
+                    await emit("function_call_request", call)
+                elif isinstance(ev, programs.InvalidOutput):
+                    raise _BadOutput(ev.reason)
+
+        async def pump() -> None:
+            async for u in self.backend.stream(request):
+                if state["first"] is None and (u.completion_tokens or u.output_ids):
+                    state["first"] = time.perf_counter()
+                delta = u.text[len(state["text"]):] if u.text.startswith(state["text"]) else u.text
+                state["text"], state["ids"] = u.text, u.output_ids
+                out.cached_tokens, out.completion_tokens = u.cached_tokens, u.completion_tokens
+                if delta:
+                    await handle(parser.feed(delta))
+                if u.finish_reason is not None:
+                    state["finish"] = u.finish_reason
+            await handle(parser.finish())
+
+        task = asyncio.create_task(pump())
+        waiter = asyncio.create_task(cancelled.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # cancel requested while generating
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not cancelled.is_set():
+                    raise
+                out.finish_reason = "cancelled"
+            else:
+                out.finish_reason = _finish(state["finish"], out.tool_calls, cancelled.is_set())
+        except _BadOutput as exc:
+            out.finish_reason, out.error = "error", rpc.InternalError(str(exc), {"reason": "invalid_model_output"})
+        except BackendOverloaded as exc:
+            out.finish_reason, out.error = "error", rpc.Overloaded(exc.retry_after_ms, str(exc))
+        except BackendUnavailable as exc:
+            out.finish_reason, out.error = "error", rpc.EngineUnavailable(f"the engine became unavailable: {exc}")
+        except BackendError as exc:
+            out.finish_reason, out.error = "error", rpc.InternalError(f"generation failed: {exc}")
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+        now = time.perf_counter()
+        out.ttft_ms = ((state["first"] or now) - started) * 1000
+        out.total_ms = (now - started) * 1000
+        if out.finish_reason == "error" and out.error is None and state["finish"] == "abort":
+            out.error = rpc.InternalError("the engine aborted the request")
+        if session is not None and out.finish_reason in ("stop", "length", "tool_calls"):
+            ids = list(state["ids"])
+            session.token_ids = list(prompt) + ids
+            session.open_turn = not (ids and ids[-1] in self.end_token_ids)
+            session.pending_calls = pending
+            session.turns += 1
+        METRICS.observe_turn(out)
+        return out
+
+
+class _BadOutput(Exception):
+    pass
+
+
+def _finish(engine_reason: str | None, calls: list, cancelled: bool) -> str:
+    if engine_reason == "abort":
+        return "cancelled" if cancelled else "error"
+    if calls:
+        return "tool_calls"
+    return "length" if engine_reason == "length" else "stop"
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    if hasattr(model, "model_dump"):
+        return model.model_dump(exclude_none=True)
+    return dict(model)
+
+
+def _dump_list(items: Any) -> list[dict] | None:
+    return None if items is None else [_dump(i) for i in items]
