@@ -10,14 +10,16 @@ The server's per-frame loop::
 
 and `handle(call)` is `bind_params(call)` (-> the method's params model, or an RpcError) then the
 method itself; every RpcError becomes `error_response(call.id, exc)`, unless the call is a
-notification, which never gets a response (not even an error), as the spec says.
+notification, which never gets a response (not even an error), as the spec says. For `generate`
+the error response is preceded by `notification("stream_end", StreamEnd.for_error(...))`, also
+when bind_params fails: every generate that reaches handle() gets one stream_end, then one response.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pydantic import BaseModel, ValidationError
@@ -35,7 +37,7 @@ class MethodSpec:
     params: type[BaseModel]
     result: type[BaseModel]
     description: str
-    errors: tuple[int, ...] = ()  # server error codes (besides -32600..-32603) the method can return
+    errors: tuple[int, ...] = ()  # codes the method itself may return (envelope errors apply to all)
 
 
 METHODS: dict[str, MethodSpec] = {

@@ -354,12 +354,14 @@ class Connection:
         started = time.perf_counter()
         params: GenerateRequestParams | None = None
         registered = False
+        if rid in self.generates:
+            # Answered without a stream_end: that request_id already has a stream of its own.
+            METRICS.errors.labels(code=str(rpc.INVALID_REQUEST)).inc()
+            return jsonrpc.error_response(rid, rpc.InvalidRequest(
+                f"a generate with id {rid!r} is already running on this connection", {"reason": "duplicate id in flight"}))
         METRICS.generates_inflight.inc()
         try:
             params = jsonrpc.bind_params(call)  # type: ignore[assignment]
-            if rid in self.generates:
-                raise rpc.InvalidRequest(f"a generate with id {rid!r} is already running on this connection",
-                                         {"reason": "duplicate id in flight"})
             if len(self.generates) >= self.server.cfg.max_inflight_per_connection:
                 raise rpc.Overloaded(500, f"at most {self.server.cfg.max_inflight_per_connection} generates in flight per connection")
             self._refuse_if_draining()
@@ -392,6 +394,8 @@ class Connection:
             METRICS.generates_inflight.dec()
             if out.total_ms == 0.0:
                 out.total_ms = (time.perf_counter() - started) * 1000
+            if error is not None:
+                out.finish_reason = "error"
             end: dict[str, Any] = {
                 "request_id": rid,
                 "finish_reason": out.finish_reason,

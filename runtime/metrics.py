@@ -46,7 +46,7 @@ class Metrics:
         self._cached_total += out.cached_tokens
         if self._prompt_total:
             self.cache_hit_ratio.set(self._cached_total / self._prompt_total)
-        if out.completion_tokens:
+        if out.completion_tokens and out.ttft_ms is not None:
             self.ttft.observe(out.ttft_ms / 1000)
             if out.completion_tokens > 1:
                 self.inter_token.observe((out.total_ms - out.ttft_ms) / 1000 / (out.completion_tokens - 1))

@@ -41,7 +41,7 @@ class TurnOutcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    ttft_ms: float = 0.0
+    ttft_ms: float | None = None  # None: no token was produced
     total_ms: float = 0.0
     error: rpc.RpcError | None = None
     session_id: str | None = None
@@ -54,7 +54,8 @@ class TurnOutcome:
         }
 
     def timings(self) -> dict[str, float]:
-        return {"ttft_ms": round(self.ttft_ms, 3), "total_ms": round(self.total_ms, 3)}
+        ttft = None if self.ttft_ms is None else round(self.ttft_ms, 3)
+        return {"ttft_ms": ttft, "total_ms": round(self.total_ms, 3)}
 
     def result(self) -> dict[str, Any]:
         return {
@@ -157,9 +158,11 @@ class AgentRuntime:
 
     def close_session(self, session_id: str, *, owner: str) -> dict[str, Any]:
         try:
-            self.sessions.close(session_id, owner=owner)
+            session = self.sessions.close(session_id, owner=owner)
         except SessionNotFound:
             raise rpc.SessionNotFound(session_id) from None
+        if session.running is not None:  # its running turn ends with stream_end 'cancelled'
+            session.running.set()
         METRICS.sessions_open.set(len(self.sessions))
         return {"closed": True}
 
@@ -197,12 +200,22 @@ class AgentRuntime:
         if session is None:
             return await self._run(None, self.renderer.full_ids(p.system_prompt, tools, messages), program, p,
                                    tools=tools, emit=emit, cancelled=cancelled, started=started, rid=rid)
-        async with session.lock:  # one turn at a time per session; a second waits its turn
+        if session.lock.locked():
+            # Turn N+1's prompt is turn N's output: a second concurrent turn cannot be meant.
+            raise rpc.InvalidParams(
+                "Invalid params: session_id: the session is running a turn; wait for its stream_end",
+                {"errors": [{"field": "session_id", "message": "busy: one turn at a time per session"}]},
+            )
+        async with session.lock:
             self._check_turn_messages(session, messages)
             new_ids = self.renderer.turn_ids(messages, close_previous=session.open_turn)
             prompt = session.token_ids + new_ids
-            outcome = await self._run(session, prompt, program, p, tools=tools, emit=emit,
-                                      cancelled=cancelled, started=started, rid=rid)
+            session.running = cancelled
+            try:
+                outcome = await self._run(session, prompt, program, p, tools=tools, emit=emit,
+                                          cancelled=cancelled, started=started, rid=rid)
+            finally:
+                session.running = None
             outcome.session_id = session.id
             return outcome
 
@@ -251,7 +264,13 @@ class AgentRuntime:
         limit = self.backend.info.context_length
         if prompt_tokens >= limit:
             raise rpc.ContextLengthExceeded(prompt_tokens, limit)
-        max_tokens = min(p.max_tokens or self.cfg.default_max_tokens, self.cfg.max_tokens_cap, limit - prompt_tokens)
+        if p.max_tokens is not None and p.max_tokens > self.cfg.max_tokens_cap:
+            raise rpc.InvalidParams(
+                f"Invalid params: max_tokens: {p.max_tokens} exceeds this server's cap of {self.cfg.max_tokens_cap}",
+                {"errors": [{"field": "max_tokens", "message": f"at most {self.cfg.max_tokens_cap} (server.info limits.max_tokens_cap)"}]},
+            )
+        # Room left in the context bounds the completion: it ends with 'length' there.
+        max_tokens = min(p.max_tokens or self.cfg.default_max_tokens, limit - prompt_tokens)
         return Sampling(
             max_new_tokens=max_tokens,
             temperature=0.0 if p.temperature is None else float(p.temperature),
@@ -336,11 +355,13 @@ class AgentRuntime:
             if not task.done():
                 task.cancel()
         now = time.perf_counter()
-        out.ttft_ms = ((state["first"] or now) - started) * 1000
+        out.ttft_ms = None if state["first"] is None else (state["first"] - started) * 1000
         out.total_ms = (now - started) * 1000
         if out.finish_reason == "error" and out.error is None and state["finish"] == "abort":
             out.error = rpc.InternalError("the engine aborted the request")
-        if session is not None and out.finish_reason in ("stop", "length", "tool_calls"):
+        # A finished or cancelled turn is kept (a cancelled one up to where it stopped, its turn
+        # left open); a failed turn leaves the session as it was, so the client may retry it.
+        if session is not None and out.finish_reason in ("stop", "length", "tool_calls", "cancelled"):
             ids = list(state["ids"])
             session.token_ids = list(prompt) + ids
             session.open_turn = not (ids and ids[-1] in self.end_token_ids)

@@ -47,6 +47,7 @@ class Session:
     call_counter: int = 0
     turns: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    running: asyncio.Event | None = None  # the cancel event of the turn in progress
 
     def next_call_id(self) -> str:
         self.call_counter += 1
@@ -92,9 +93,10 @@ class SessionStore:
         session.last_used = time.monotonic()
         return session
 
-    def close(self, session_id: str, *, owner: str) -> None:
+    def close(self, session_id: str, *, owner: str) -> Session:
         session = self.get(session_id, owner=owner)
         del self._sessions[session.id]
+        return session
 
     def expire(self) -> int:
         now = time.monotonic()

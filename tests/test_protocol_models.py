@@ -17,7 +17,6 @@ from protocol import (
     METHODS,
     NOTIFICATIONS,
     Call,
-    CancelParams,
     ContextLengthExceeded,
     GenerateRequestParams,
     GenerateResult,
@@ -323,6 +322,8 @@ def test_protocol_md_transcript_is_true_to_the_models() -> None:
     streams: dict[Any, list[str]] = {}
     text: dict[Any, str] = {}
     ready: dict[Any, dict[str, Any]] = {}
+    bind_errors: dict[Any, dict[str, Any]] = {}
+    end_errors: dict[Any, dict[str, Any]] = {}
     lines = [line for line in PROTOCOL_MD.splitlines() if line.startswith(("--> ", "<-- "))]
     assert len(lines) > 20
     for line in lines:
@@ -333,8 +334,13 @@ def test_protocol_md_transcript_is_true_to_the_models() -> None:
             methods[frame["id"]] = frame["method"]
             if isinstance(entry, dict):  # refused by the envelope: the reply is this, verbatim
                 ready[frame["id"]] = entry
-            elif entry.method == "generate":
-                streams[entry.id], text[entry.id] = [], ""
+            else:
+                try:
+                    bind_params(entry)
+                except RpcError as exc:  # the server must answer with exactly this error
+                    bind_errors[entry.id] = exc.to_error()
+                if entry.method == "generate":
+                    streams[entry.id], text[entry.id] = [], ""
             continue
         if "method" in frame:
             model = NOTIFICATIONS[frame["method"]][0].model_validate(frame["params"])
@@ -343,7 +349,7 @@ def test_protocol_md_transcript_is_true_to_the_models() -> None:
             streams[rid].append(frame["method"])
             text[rid] += getattr(model, "text", "") if frame["method"] == "text_chunk" else ""
             if isinstance(model, StreamEnd) and model.error is not None:
-                end_error = model.error.model_dump(mode="json")
+                end_errors[rid] = model.error.model_dump(mode="json")
             continue
         rid, method = frame["id"], methods[frame["id"]]
         if rid in ready:
@@ -353,13 +359,13 @@ def test_protocol_md_transcript_is_true_to_the_models() -> None:
             assert streams[rid][-1] == "stream_end" and streams[rid].count("stream_end") == 1
             streams[rid].append("response")
         if "error" in frame:
-            assert frame["error"]["code"] in {e.code for e in ERROR_CODES}
+            assert frame["error"] == bind_errors.pop(rid)
             if method == "generate":
-                assert frame["error"] == end_error
+                assert frame["error"] == end_errors[rid]
         else:
             result = METHODS[method].result.model_validate(frame["result"])
             if method == "generate":
                 assert result.text == text[rid]
     assert streams and all(s[-2:] == ["stream_end", "response"] for s in streams.values())
-    assert not ready
+    assert not ready and not bind_errors
     assert set(methods.values()) >= {"session.open", "generate", "cancel", "server.info", "session.close"}
