@@ -217,7 +217,8 @@ class Connection:
         self.cancel_all()
         with contextlib.suppress(Exception):
             if self.ws.application_state != WebSocketState.DISCONNECTED:
-                await self.ws.close(code=code, reason=reason[:120])
+                # A client that does not read may never take the close frame either: bounded.
+                await asyncio.wait_for(self.ws.close(code=code, reason=reason[:120]), timeout=5)
 
     def cancel_all(self) -> None:
         for event in self.generates.values():

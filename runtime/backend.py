@@ -109,6 +109,11 @@ class BackendInfo:
 class Backend(abc.ABC):
     """Lifecycle: start() once (may take long; is_ready() tells), stream() many, stop() once."""
 
+    # Capability: True when the backend takes token ids (stream()); False for a chat-level
+    # backend (runtime.remote.OpenAIBackend: chat() with messages), which the service drives
+    # through its separate chat path.
+    token_level: bool = True
+
     @property
     @abc.abstractmethod
     def info(self) -> BackendInfo: ...

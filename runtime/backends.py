@@ -14,8 +14,22 @@ def _embedded(cfg: Config) -> Backend:
     return EmbeddedBackend(cfg)
 
 
+def _sglang(cfg: Config) -> Backend:
+    from runtime.remote import SGLangBackend
+
+    return SGLangBackend(cfg)
+
+
+def _openai(cfg: Config) -> Backend:
+    from runtime.remote import OpenAIBackend
+
+    return OpenAIBackend(cfg)
+
+
 BACKENDS: dict[str, Callable[[Config], Backend]] = {
     "embedded": _embedded,
+    "sglang": _sglang,
+    "openai": _openai,
 }
 
 

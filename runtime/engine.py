@@ -110,6 +110,7 @@ class EmbeddedBackend(Backend):
         self._on_dead = on_dead
         self._inflight: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._child_pids: set[int] = set()
         self.model_path: str | None = None
         self.startup_s: float | None = None
 
@@ -140,7 +141,9 @@ class EmbeddedBackend(Backend):
         self.model_path = str(path)
         kwargs = engine_kwargs(self._cfg, self.model_path)
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
+        before = _children()
         self._engine = await asyncio.to_thread(_construct_engine, kwargs)
+        self._child_pids = _children() - before  # this engine's processes, not the host's others
         tm = self._engine.tokenizer_manager
         saved = _current_handlers()
         tm.auto_create_handle_loop()  # binds SGLang's receive loop to this event loop
@@ -194,23 +197,23 @@ class EmbeddedBackend(Backend):
             self._on_dead(reason)
 
     def child_pids(self) -> list[int]:
-        import psutil
-
-        return [p.pid for p in psutil.Process().children(recursive=True)]
+        """The engine's processes (SGLang's scheduler, detokenizer and their helpers)."""
+        return sorted(self._child_pids)
 
     def check_alive(self) -> bool:
-        """Poll the engine's processes; marks the engine dead if one is gone."""
+        """Poll the engine's processes; marks the engine dead if one of them is gone."""
         if self._engine is None or self._dead_reason is not None:
             return False
         import psutil
 
-        for p in psutil.Process().children(recursive=False):
+        for pid in self._child_pids:
             try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    self.mark_dead(f"SGLang process {p.pid} exited")
-                    return False
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    continue
             except psutil.NoSuchProcess:
-                continue
+                pass
+            self.mark_dead(f"SGLang process {pid} exited")
+            return False
         return True
 
     async def stop(self) -> None:
@@ -276,6 +279,12 @@ class EmbeddedBackend(Backend):
             return None
         loads = await self._engine.tokenizer_manager.get_loads()
         return sum(int(l.num_used_tokens) for l in loads)
+
+
+def _children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=False)}
 
 
 def _current_handlers() -> dict[int, Any]:

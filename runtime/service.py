@@ -111,8 +111,11 @@ class AgentRuntime:
 
     @staticmethod
     def _check_tools(tools: list[dict] | None) -> list[dict]:
+        # `strict` is accepted for OpenAI compatibility and changes nothing (calls are always
+        # constrained): dropped so it cannot split otherwise identical agent prefixes.
+        tools = [{**t, "function": {k: v for k, v in t["function"].items() if k != "strict"}} for t in tools or []]
         try:
-            return programs.check_tools(tools or [])
+            return programs.check_tools(tools)
         except programs.ToolSchemaError as exc:
             if exc.keyword:
                 raise rpc.UnsupportedToolSchema(exc.tool, exc.keyword, f"tool {exc.tool!r}: {exc.reason}") from None
@@ -198,7 +201,10 @@ class AgentRuntime:
         messages = [_dump(m) for m in p.messages]
 
         if session is None:
-            return await self._run(None, self.renderer.full_ids(p.system_prompt, tools, messages), program, p,
+            system = p.system_prompt
+            if system is None and messages and messages[0]["role"] == "system":
+                system, messages = messages[0].get("content") or "", messages[1:]
+            return await self._run(None, self.renderer.full_ids(system, tools, messages), program, p,
                                    tools=tools, emit=emit, cancelled=cancelled, started=started, rid=rid)
         if session.lock.locked():
             # Turn N+1's prompt is turn N's output: a second concurrent turn cannot be meant.
