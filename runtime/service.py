@@ -79,6 +79,7 @@ class AgentRuntime:
         self._renderer: programs.Renderer | None = None
         self._fmt: programs.ToolFormat | None = None
         self._prefix_cache: dict[str, list[int]] = {}
+        self.active = 0  # generate requests admitted to the backend (bounded by max_queue)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -138,6 +139,8 @@ class AgentRuntime:
     async def open_session(self, *, system_prompt: str | None, tools: list[dict] | None, owner: str) -> dict[str, Any]:
         self._require_ready()
         canonical = self._check_tools(tools)
+        if not getattr(self.backend, "token_level", True):
+            return self._open_chat_session(system_prompt, canonical, owner)
         prefix = self._prefix_ids(system_prompt, canonical)
         limit = self.backend.info.context_length
         if len(prefix) >= limit:
@@ -197,6 +200,8 @@ class AgentRuntime:
             except SessionNotFound:
                 raise rpc.SessionNotFound(p.session_id) from None
         tools = session.tools if session else self._check_tools(_dump_list(p.tools))
+        if not getattr(self.backend, "token_level", True):
+            return await self._generate_chat(p, session, tools, emit=emit, cancelled=cancelled, started=started, rid=rid)
         program = self._program(tools, p)
         messages = [_dump(m) for m in p.messages]
 
@@ -288,9 +293,18 @@ class AgentRuntime:
 
     async def _run(self, session, prompt, program, p, *, tools, emit, cancelled, started, rid) -> TurnOutcome:
         sampling = self._sampling(p, program, len(prompt))
-        if self.backend.inflight() >= self.cfg.max_queue:
-            METRICS.errors.labels(code=str(rpc.OVERLOADED)).inc()
+        # Admission is counted here, synchronously, not by the backend: requests arriving in
+        # the same instant must not all see an empty queue.
+        if self.active >= self.cfg.max_queue:
             raise rpc.Overloaded(retry_after_ms=1000, message=f"the engine queue is full ({self.cfg.max_queue} requests); retry later")
+        self.active += 1
+        try:
+            return await self._generate_admitted(session, prompt, program, sampling, tools=tools, emit=emit,
+                                                 cancelled=cancelled, started=started, rid=rid)
+        finally:
+            self.active -= 1
+
+    async def _generate_admitted(self, session, prompt, program, sampling, *, tools, emit, cancelled, started, rid) -> TurnOutcome:
         request = GenRequest(rid=rid or uuid.uuid4().hex, input_ids=prompt, sampling=sampling)
         out = TurnOutcome(prompt_tokens=len(prompt))
         parser = program.parser()
@@ -371,6 +385,155 @@ class AgentRuntime:
             ids = list(state["ids"])
             session.token_ids = list(prompt) + ids
             session.open_turn = not (ids and ids[-1] in self.end_token_ids)
+            session.pending_calls = pending
+            session.turns += 1
+        METRICS.observe_turn(out)
+        return out
+
+    # ------------------------------------------------------------------ chat-level backends
+    # A backend without token ids (INFERENCE_BACKEND=openai, runtime.remote.OpenAIBackend)
+    # gets messages: a session keeps its history as OpenAI chat messages and each turn sends
+    # all of it; the server's chat template renders it and its tool parser finds the calls.
+    # Same contract as the token path: one TurnOutcome, events through `emit`, every call
+    # validated against its tool's schema before it is emitted.
+
+    def _open_chat_session(self, system_prompt: str | None, tools: list[dict], owner: str) -> dict[str, Any]:
+        try:
+            session = self.sessions.open(owner=owner, system_prompt=system_prompt, tools=tools, prefix_ids=[])
+        except SessionLimit as exc:
+            raise rpc.Overloaded(5000, str(exc)) from None
+        session.messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        METRICS.sessions_open.set(len(self.sessions))
+        return {"session_id": session.id, "prefix_tokens": 0}  # tokens are the server's business
+
+    async def _generate_chat(self, p: Any, session: Any, tools: list[dict], *, emit, cancelled, started, rid) -> TurnOutcome:
+        from runtime.remote import chat_messages
+
+        try:
+            programs.normalize_tool_choice(_dump(p.tool_choice) if p.tool_choice is not None and not isinstance(p.tool_choice, str)
+                                           else p.tool_choice, [t["function"]["name"] for t in tools])
+        except ValueError as exc:
+            raise rpc.InvalidParams(f"Invalid params: tool_choice: {exc}", {"errors": [{"field": "tool_choice", "message": str(exc)}]}) from None
+        messages = [_dump(m) for m in p.messages]
+        if session is None:
+            system = [{"role": "system", "content": p.system_prompt}] if p.system_prompt is not None else []
+            return await self._chat_turn(None, system + chat_messages(messages), p, tools, emit=emit, cancelled=cancelled,
+                                         started=started, rid=rid)
+        if session.lock.locked():
+            raise rpc.InvalidParams(
+                "Invalid params: session_id: the session is running a turn; wait for its stream_end",
+                {"errors": [{"field": "session_id", "message": "busy: one turn at a time per session"}]},
+            )
+        async with session.lock:
+            self._check_turn_messages(session, messages)
+            session.running = cancelled
+            try:
+                out = await self._chat_turn(session, session.messages + chat_messages(messages), p, tools, emit=emit,
+                                            cancelled=cancelled, started=started, rid=rid)
+            finally:
+                session.running = None
+            out.session_id = session.id
+            return out
+
+    async def _chat_turn(self, session, history, p, tools, *, emit, cancelled, started, rid) -> TurnOutcome:
+        import json
+
+        from runtime.remote import BackendContextLength, ChatRequest, chat_tools
+
+        if p.max_tokens is not None and p.max_tokens > self.cfg.max_tokens_cap:
+            raise rpc.InvalidParams(
+                f"Invalid params: max_tokens: {p.max_tokens} exceeds this server's cap of {self.cfg.max_tokens_cap}",
+                {"errors": [{"field": "max_tokens", "message": f"at most {self.cfg.max_tokens_cap} (server.info limits.max_tokens_cap)"}]},
+            )
+        if self.active >= self.cfg.max_queue:
+            raise rpc.Overloaded(retry_after_ms=1000, message=f"the engine queue is full ({self.cfg.max_queue} requests); retry later")
+        choice = p.tool_choice if p.tool_choice is None or isinstance(p.tool_choice, str) else _dump(p.tool_choice)
+        parallel = True if p.parallel_tool_calls is None else bool(p.parallel_tool_calls)
+        request = ChatRequest(
+            rid=rid or uuid.uuid4().hex, messages=history, max_tokens=p.max_tokens or self.cfg.default_max_tokens,
+            tools=chat_tools(tools), tool_choice=choice or "auto", parallel_tool_calls=parallel,
+            temperature=0.0 if p.temperature is None else float(p.temperature),
+            top_p=1.0 if p.top_p is None else float(p.top_p), stop=tuple(p.stop or ()), seed=p.seed,
+        )
+        out = TurnOutcome()
+        by_name = {t["function"]["name"]: t for t in tools}
+        state: dict[str, Any] = {"finish": None, "first": None}
+        pending: dict[str, str] = {}
+        assistant_calls: list[dict[str, Any]] = []
+
+        async def pump() -> None:
+            async for u in self.backend.chat(request):
+                if state["first"] is None and (u.text or u.reasoning or u.tool_calls):
+                    state["first"] = time.perf_counter()
+                if u.reasoning:
+                    await emit("reasoning_chunk", {"text": u.reasoning})
+                if u.text:
+                    out.text += u.text
+                    await emit("text_chunk", {"text": u.text})
+                for c in u.tool_calls:
+                    if out.tool_calls and not parallel:
+                        break  # the server ignored parallel_tool_calls=false: the first call stands
+                    try:
+                        arguments = json.loads(c.arguments or "{}")
+                    except ValueError:
+                        arguments, problems = None, [f"arguments are not JSON: {c.arguments[:200]!r}"]
+                    else:
+                        tool = by_name.get(c.name)
+                        problems = ["unknown tool"] if tool is None else programs.validate_arguments(tool, arguments)
+                    if problems:
+                        METRICS.invalid_calls.inc()
+                        raise _BadOutput(f"the model produced an invalid call of {c.name!r}: {'; '.join(problems[:3])}")
+                    call_id = session.next_call_id() if session else f"call_{uuid.uuid4().hex[:16]}"
+                    call = {"call_id": call_id, "name": c.name, "arguments": arguments}
+                    out.tool_calls.append(call)
+                    assistant_calls.append(call)
+                    pending[call_id] = c.name
+                    await emit("function_call_request", call)
+                if u.prompt_tokens is not None:
+                    out.prompt_tokens, out.cached_tokens = int(u.prompt_tokens), int(u.cached_tokens)
+                if u.completion_tokens is not None:
+                    out.completion_tokens = int(u.completion_tokens)
+                if u.finish_reason is not None:
+                    state["finish"] = "length" if u.finish_reason == "length" else "stop"
+
+        self.active += 1
+        task = asyncio.create_task(pump())
+        waiter = asyncio.create_task(cancelled.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # cancel requested while generating: closing the stream tells the server
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not cancelled.is_set():
+                    raise
+                out.finish_reason = "cancelled"
+            else:
+                out.finish_reason = _finish(state["finish"], out.tool_calls, cancelled.is_set())
+        except _BadOutput as exc:
+            out.finish_reason, out.error = "error", rpc.InternalError(str(exc), {"reason": "invalid_model_output"})
+        except BackendContextLength as exc:
+            out.finish_reason, out.error = "error", rpc.ContextLengthExceeded(exc.prompt_tokens, exc.limit, str(exc))
+        except BackendOverloaded as exc:
+            out.finish_reason, out.error = "error", rpc.Overloaded(exc.retry_after_ms, str(exc))
+        except BackendUnavailable as exc:
+            out.finish_reason, out.error = "error", rpc.EngineUnavailable(f"the engine became unavailable: {exc}")
+        except BackendError as exc:
+            out.finish_reason, out.error = "error", rpc.InternalError(f"generation failed: {exc}")
+        finally:
+            self.active -= 1
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+        now = time.perf_counter()
+        out.ttft_ms = None if state["first"] is None else (state["first"] - started) * 1000
+        out.total_ms = (now - started) * 1000
+        if session is not None and out.finish_reason in ("stop", "length", "tool_calls", "cancelled"):
+            from runtime.remote import chat_messages
+
+            reply = {"role": "assistant", "content": out.text or None, "tool_calls": assistant_calls}
+            session.messages = history + chat_messages([reply])
             session.pending_calls = pending
             session.turns += 1
         METRICS.observe_turn(out)
