@@ -1,0 +1,26 @@
+"""The constrained-decoding tool-call program: schemas, formats, rendering, constraint, parsing.
+
+One module per stage:
+    schema   check_tools / canonical_tools / validate_arguments (what the grammar can hold)
+    formats  ToolFormat registry per model family, format_for(tokenizer)
+    render   Renderer: prefix / turn / full token ids, segment by segment
+    program  ToolProgram: the whole-turn constraint (xgrammar structural tag)
+    parse    StreamParser: text / reasoning / tool-call events (SGLang's parsers)
+
+Nothing here imports sglang at module load: the parser imports it lazily, after
+runtime.sglang_env.prepare().
+"""
+
+from programs.formats import FORMATS, ToolFormat, format_for
+from programs.parse import Event, InvalidOutput, ReasoningDelta, StreamParser, TextDelta, ToolCallEvent
+from programs.program import ToolProgram, normalize_tool_choice
+from programs.render import Renderer, RenderError
+from programs.schema import ToolSchemaError, canonical_tools, check_tools, validate_arguments
+
+__all__ = [
+    "FORMATS", "ToolFormat", "format_for",
+    "Event", "InvalidOutput", "ReasoningDelta", "StreamParser", "TextDelta", "ToolCallEvent",
+    "ToolProgram", "normalize_tool_choice",
+    "Renderer", "RenderError",
+    "ToolSchemaError", "canonical_tools", "check_tools", "validate_arguments",
+]

@@ -46,6 +46,8 @@ def setup_logging(level: str, *, json_logs: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # SGLang's own info lines (plugins, server_args) are noise at the server's info level.
+    logging.getLogger("sglang").setLevel(max(logging.WARNING, root.level))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -296,7 +296,15 @@ def _current_handlers() -> dict[int, Any]:
 def _construct_engine(kwargs: dict[str, Any]) -> Any:
     import sglang
 
-    return sglang.Engine(**kwargs)
+    # SGLang configures logging for its own processes (root level from log_level): keep the
+    # host's configuration as it was.
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        return sglang.Engine(**kwargs)
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
 
 def _shutdown_engine(engine: Any) -> None:

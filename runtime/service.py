@@ -94,18 +94,6 @@ class AgentRuntime:
             self._renderer = programs.Renderer(self.backend.tokenizer, self.fmt)
         return self._renderer
 
-    @property
-    def end_token_ids(self) -> set[int]:
-        """Token ids that end an assistant turn (the session's turn is then closed)."""
-        tok = self.backend.tokenizer
-        ids = {i for i in (tok.eos_token_id,) if i is not None}
-        end = getattr(self.fmt, "end_of_turn", None)
-        if end:
-            tid = tok.convert_tokens_to_ids(end)
-            if isinstance(tid, int) and tid != tok.unk_token_id:
-                ids.add(tid)
-        return ids
-
     def _require_ready(self) -> None:
         if not self.backend.is_ready():
             raise rpc.EngineUnavailable("the engine is not ready (starting, restarting, or stopped); retry shortly")
@@ -209,7 +197,7 @@ class AgentRuntime:
             system = p.system_prompt
             if system is None and messages and messages[0]["role"] == "system":
                 system, messages = messages[0].get("content") or "", messages[1:]
-            return await self._run(None, self.renderer.full_ids(system, tools, messages), program, p,
+            return await self._run(None, _rendered(self.renderer.full_ids, system, tools, messages), program, p,
                                    tools=tools, emit=emit, cancelled=cancelled, started=started, rid=rid)
         if session.lock.locked():
             # Turn N+1's prompt is turn N's output: a second concurrent turn cannot be meant.
@@ -219,7 +207,7 @@ class AgentRuntime:
             )
         async with session.lock:
             self._check_turn_messages(session, messages)
-            new_ids = self.renderer.turn_ids(messages, close_previous=session.open_turn)
+            new_ids = _rendered(self.renderer.turn_ids, messages, close_previous=session.open_turn)
             prompt = session.token_ids + new_ids
             session.running = cancelled
             try:
@@ -247,7 +235,8 @@ class AgentRuntime:
                 {"errors": [{"field": "tool_choice", "message": "'required' with no tools"}]},
             )
         parallel = True if p.parallel_tool_calls is None else bool(p.parallel_tool_calls)
-        return programs.ToolProgram(self.fmt, tools, tool_choice=choice, parallel_tool_calls=parallel)
+        return programs.ToolProgram(self.fmt, tools, tool_choice=choice, parallel_tool_calls=parallel,
+                                    end_of_turn=self.renderer.end_of_turn)
 
     @staticmethod
     def _check_turn_messages(session: Any, messages: list[dict]) -> None:
@@ -333,6 +322,8 @@ class AgentRuntime:
                     pending[call_id] = ev.name
                     await emit("function_call_request", call)
                 elif isinstance(ev, programs.InvalidOutput):
+                    if state["finish"] == "length":
+                        continue  # a call cut off by max_tokens: the turn ends with 'length', no call
                     raise _BadOutput(ev.reason)
 
         async def pump() -> None:
@@ -384,7 +375,7 @@ class AgentRuntime:
         if session is not None and out.finish_reason in ("stop", "length", "tool_calls", "cancelled"):
             ids = list(state["ids"])
             session.token_ids = list(prompt) + ids
-            session.open_turn = not (ids and ids[-1] in self.end_token_ids)
+            session.open_turn = not (ids and ids[-1] in self.renderer.stop_token_ids)
             session.pending_calls = pending
             session.turns += 1
         METRICS.observe_turn(out)
@@ -480,6 +471,9 @@ class AgentRuntime:
                     else:
                         tool = by_name.get(c.name)
                         problems = ["unknown tool"] if tool is None else programs.validate_arguments(tool, arguments)
+                    if problems and u.finish_reason == "length":
+                        log.info("dropping a tool call cut short by max_tokens: %s", "; ".join(problems[:3]))
+                        continue  # not a complete call; the turn ends with 'length'
                     if problems:
                         METRICS.invalid_calls.inc()
                         raise _BadOutput(f"the model produced an invalid call of {c.name!r}: {'; '.join(problems[:3])}")
@@ -542,6 +536,14 @@ class AgentRuntime:
 
 class _BadOutput(Exception):
     pass
+
+
+def _rendered(render: Callable[..., list[int]], *args: Any, **kwargs: Any) -> list[int]:
+    """Render, with a history the template cannot express reported as the client's error."""
+    try:
+        return render(*args, **kwargs)
+    except ValueError as exc:  # programs.RenderError included
+        raise rpc.InvalidParams(f"Invalid params: messages: {exc}", {"errors": [{"field": "messages", "message": str(exc)}]}) from None
 
 
 def _finish(engine_reason: str | None, calls: list, cancelled: bool) -> str:

@@ -1,0 +1,277 @@
+"""Streaming parse of one assistant turn into text, reasoning and tool calls.
+
+Stages, each SGLang's own parser where one exists:
+  1. the end-of-turn token's text (decoded with special tokens kept) is removed;
+  2. reasoning (formats with a reasoning parser): sglang.srt.parser.reasoning_parser.ReasoningParser;
+  3. tool calls: sglang.srt.function_call.function_call_parser.FunctionCallParser with the
+     format's detector. Its streaming results (name, then argument pieces per tool_index) are
+     gathered per call; a call is emitted once its arguments form a complete JSON object and
+     validate against the tool's schema. The detector is fed one character at a time (see
+     _normal). At finish the detector's one-shot parse of the whole text is the cross-check: a
+     call it finds that streaming did not complete is emitted then.
+
+Text inside a call never becomes TextDelta. Whitespace between or after calls (the separators)
+is dropped. In `none` mode (or with no tools) there is no call parsing at all: every
+character is text, so no ToolCallEvent can come out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from programs.schema import validate_arguments
+
+if TYPE_CHECKING:
+    from programs.program import ToolProgram
+
+__all__ = ["TextDelta", "ReasoningDelta", "ToolCallEvent", "InvalidOutput", "Event", "StreamParser"]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    name: str
+    arguments: dict
+    index: int = 0  # position of the call in the turn (0-based)
+
+
+@dataclass(frozen=True)
+class InvalidOutput:
+    reason: str
+
+
+Event = TextDelta | ReasoningDelta | ToolCallEvent | InvalidOutput
+
+# Stripped when neither the program nor the format names the end-of-turn text.
+_COMMON_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>")
+
+
+def _sglang_tools(tools: list[dict]) -> list[Any]:
+    from runtime.sglang_env import prepare
+
+    prepare()
+    from sglang.srt.entrypoints.openai.protocol import Function, Tool
+
+    return [
+        Tool(type="function", function=Function(
+            name=t["function"]["name"], description=t["function"].get("description"),
+            parameters=t["function"]["parameters"], strict=True))
+        for t in tools
+    ]
+
+
+@dataclass
+class _Call:
+    name: str | None = None
+    args: str = ""
+    done: bool = False
+
+
+class StreamParser:
+    def __init__(self, program: "ToolProgram"):
+        self.program = program
+        fmt = program.fmt
+        eot = program.end_of_turn or fmt.end_of_turn
+        self._eot_texts = [eot] if eot else list(_COMMON_END_OF_TURN)
+        self._hold = ""  # a suffix that may be the start of an end-of-turn text
+        self._raw = ""  # all normal (non-reasoning) text, for the final cross-check
+        self._reasoning = None
+        self._fcp = None
+        self._calls: dict[int, _Call] = {}
+        self._emitted: set[int] = set()
+        self._n_ok = 0
+        self._ws_after_call = ""
+        self._finished = False
+        self._marker_hold = ""
+        markers = sorted(fmt.atomic_markers, key=len, reverse=True)
+        self._markers = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None
+        if fmt.reasoning_parser:
+            from runtime.sglang_env import prepare
+
+            prepare()
+            from sglang.srt.parser.reasoning_parser import ReasoningParser
+
+            self._reasoning = ReasoningParser(fmt.reasoning_parser, stream_reasoning=True)
+        if program.calls_possible and fmt.detector:
+            from sglang.srt.function_call.function_call_parser import FunctionCallParser
+
+            self._tools = _sglang_tools(program.tools)
+            self._fcp = FunctionCallParser(self._tools, fmt.detector)
+
+    # ------------------------------------------------------------------ public
+    def feed(self, text_delta: str) -> list[Event]:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        return self._after_eot(text_delta, final=False)
+
+    def finish(self) -> list[Event]:
+        if self._finished:
+            return []
+        events = self._after_eot("", final=True)
+        self._finished = True
+        if self._reasoning is not None:
+            reasoning, normal = self._reasoning.parse_stream_end()
+            if reasoning:
+                events.append(ReasoningDelta(reasoning))
+            if normal:
+                events += self._normal(normal)
+        if self._fcp is None:
+            return events
+        events += self._normal("", final=True)
+        text, calls = self._fcp.parse_stream_end()
+        events += self._detector_output(text, calls)
+        events += self._cross_check()
+        for index, call in sorted(self._calls.items()):
+            if index not in self._emitted and not call.done:
+                events.append(InvalidOutput(f"tool call {index} ({call.name or 'unnamed'}) is incomplete: {call.args!r}"))
+        if self.program.mode in ("required", "named") and self._n_ok == 0:
+            events.append(InvalidOutput(f"tool_choice {self.program.mode!r} but the output holds no valid call"))
+        return events
+
+    # ------------------------------------------------------------------ stages
+    def _after_eot(self, delta: str, *, final: bool) -> list[Event]:
+        text = self._hold + delta
+        for eot in self._eot_texts:
+            text = text.replace(eot, "")
+        self._hold = ""
+        if not final:
+            for eot in self._eot_texts:
+                for k in range(min(len(eot) - 1, len(text)), 0, -1):
+                    if eot.startswith(text[-k:]):
+                        self._hold, text = text[-k:], text[:-k]
+                        break
+                if self._hold:
+                    break
+        if not text:
+            return []
+        if self._reasoning is None:
+            return self._normal(text)
+        reasoning, normal = self._reasoning.parse_stream_chunk(text)
+        events: list[Event] = [ReasoningDelta(reasoning)] if reasoning else []
+        if normal:
+            events += self._normal(normal)
+        return events
+
+    def _normal(self, text: str, *, final: bool = False) -> list[Event]:
+        self._raw += text
+        if self._fcp is None:
+            return [TextDelta(text)] if text else []
+        text, self._marker_hold = self._marker_hold + text, ""
+        if not final:  # a marker cut in two by the caller's chunking is fed whole next time
+            for marker in self.program.fmt.atomic_markers:
+                for k in range(min(len(marker) - 1, len(text)), 0, -1):
+                    if marker.startswith(text[-k:]):
+                        text, self._marker_hold = text[:-k], text[-k:]
+                        break
+                if self._marker_hold:
+                    break
+        # SGLang's detectors advance one step per call and are written for token-sized pieces:
+        # given a larger chunk, some leave part of it in their buffer or leak a closing tag as
+        # text. Feeding them one character at a time (special-token markers whole, as the
+        # engine emits them) makes the result independent of how the output was chunked.
+        events: list[Event] = []
+        for piece in self._pieces(text):
+            out_text, calls = self._fcp.parse_stream_chunk(piece)
+            if out_text or calls:
+                events += self._detector_output(out_text, calls)
+        return self._merge_text(events)
+
+    def _pieces(self, text: str) -> list[str]:
+        if self._markers is None:
+            return list(text)
+        pieces: list[str] = []
+        for part in self._markers.split(text):
+            if part in self.program.fmt.atomic_markers:
+                pieces.append(part)
+            else:
+                pieces.extend(part)
+        return pieces
+
+    @staticmethod
+    def _merge_text(events: list[Event]) -> list[Event]:
+        merged: list[Event] = []
+        for e in events:
+            if isinstance(e, TextDelta) and merged and isinstance(merged[-1], TextDelta):
+                merged[-1] = TextDelta(merged[-1].text + e.text)
+            else:
+                merged.append(e)
+        return merged
+
+    def _detector_output(self, text: str, calls: list[Any]) -> list[Event]:
+        events: list[Event] = []
+        if text:
+            if self._calls:
+                # After a call only separators may come (the constraint says so); keep
+                # whitespace back and let real text through (unconstrained output).
+                pending = self._ws_after_call + text
+                if pending.strip():
+                    events.append(TextDelta(pending))
+                    self._ws_after_call = ""
+                else:
+                    self._ws_after_call = pending
+            else:
+                events.append(TextDelta(text))
+        for item in calls:
+            call = self._calls.setdefault(item.tool_index, _Call())
+            if item.name:
+                call.name = item.name
+            call.args += item.parameters or ""
+        for index, call in sorted(self._calls.items()):
+            if call.done or index in self._emitted or call.name is None:
+                continue
+            try:
+                args = json.loads(call.args)
+            except ValueError:
+                continue
+            if isinstance(args, dict):
+                call.done = True
+                events.append(self._emit(index, call.name, args))
+        return events
+
+    def _cross_check(self) -> list[Event]:
+        trigger = self.program.fmt.call_trigger
+        if trigger and self._raw.count(trigger) <= len(self._calls):
+            return []  # streaming saw every call there is (complete or not)
+        from sglang.srt.function_call.function_call_parser import FunctionCallParser
+
+        _, calls = FunctionCallParser(self._tools, self.program.fmt.detector).parse_non_stream(self._raw)
+        events: list[Event] = []
+        for index, item in enumerate(calls):
+            if index in self._emitted:
+                continue
+            try:
+                args = json.loads(item.parameters or "{}")
+            except ValueError:
+                continue
+            if isinstance(args, dict) and item.name:
+                self._calls.setdefault(index, _Call(name=item.name, args=item.parameters)).done = True
+                events.append(self._emit(index, item.name, args))
+        return events
+
+    def _emit(self, index: int, name: str, arguments: dict) -> Event:
+        self._emitted.add(index)
+        program = self.program
+        if name not in program.tool_names:
+            return InvalidOutput(f"tool call {index} names an unknown tool {name!r}")
+        if program.named is not None and name != program.named:
+            return InvalidOutput(f"tool call {index} calls {name!r}, but tool_choice names {program.named!r}")
+        if program.max_calls is not None and self._n_ok >= program.max_calls:
+            return InvalidOutput(f"tool call {index} exceeds the {program.max_calls} call(s) this turn allows")
+        tool = program.tools[program.tool_names.index(name)]
+        errors = validate_arguments(tool, arguments)
+        if errors:
+            return InvalidOutput(f"tool call {index} to {name!r}: arguments do not match the schema: {'; '.join(errors)}")
+        self._n_ok += 1
+        return ToolCallEvent(name=name, arguments=arguments, index=index)
