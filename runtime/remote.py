@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -55,12 +56,15 @@ from runtime.backend import (
 from runtime.config import Config
 
 log = logging.getLogger("runtime.remote")
+# httpx logs every request at INFO: the health polls would fill the log every few seconds.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 HEALTH_INTERVAL_S = 2.0
 START_TIMEOUT_S = 30.0
 # Decoding on a busy CPU can pause for long between tokens; only connecting is bounded.
 STREAM_TIMEOUT = httpx.Timeout(10.0, read=None, write=30.0, pool=30.0)
 PROBE_TIMEOUT = httpx.Timeout(5.0)
+HEALTH_TIMEOUT = httpx.Timeout(5.0, read=15.0)
 # A string with the chat markup and JSON a tool prompt is made of: if the local tokenizer
 # splits it like the worker does, the renderer's ids are the worker's ids.
 TOKENIZER_PROBE = (
@@ -162,13 +166,18 @@ async def _wait_reachable(client: httpx.AsyncClient, url: str, path: str, timeou
 
 
 class _Health:
-    """Polls each URL's health endpoint in the background; `any_up()` drives /ready."""
+    """Polls each URL's health endpoint in the background; `any_up()` drives /ready.
 
-    def __init__(self, client: httpx.AsyncClient, paths: dict[str, str], *, interval_s: float):
+    A URL is down after `failures` failed polls in a row (a busy CPU server can be slow to
+    answer one probe; that is not an outage), or at once when a request cannot connect."""
+
+    def __init__(self, client: httpx.AsyncClient, paths: dict[str, str], *, interval_s: float, failures: int = 3):
         self._client = client
         self._paths = paths
         self._interval = interval_s
+        self._failures = failures
         self.up: dict[str, bool] = {url: True for url in paths}
+        self._failed: dict[str, int] = {url: 0 for url in paths}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -191,17 +200,20 @@ class _Health:
 
     async def check(self, url: str) -> bool:
         try:
-            resp = await self._client.get(url + self._paths[url], timeout=PROBE_TIMEOUT)
+            resp = await self._client.get(url + self._paths[url], timeout=HEALTH_TIMEOUT)
             ok = resp.status_code == 200
             reason = f"HTTP {resp.status_code}"
         except httpx.HTTPError as exc:
             ok, reason = False, type(exc).__name__
-        if ok and not self.up.get(url):
-            log.info("backend %s is up", url)
-        if not ok:
-            self.mark_down(url, reason)
-        self.up[url] = ok
-        return ok
+        if ok:
+            if not self.up.get(url):
+                log.info("backend %s is up", url)
+            self.up[url], self._failed[url] = True, 0
+            return True
+        self._failed[url] += 1
+        if self._failed[url] >= self._failures:
+            self.mark_down(url, f"{reason} ({self._failed[url]} health checks in a row)")
+        return self.up[url]
 
     async def _loop(self) -> None:
         while True:
@@ -284,6 +296,15 @@ def _local_model_path(cfg: Config, remote_path: str) -> Path:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def structural_tag_to_ebnf(tag: str) -> str:
+    """An xgrammar structural tag as the equivalent xgrammar EBNF (the workers' grammar backend
+    must be xgrammar, SGLang's default, for its TagDispatch rules)."""
+    import xgrammar
+
+    return str(xgrammar.Grammar.from_structural_tag(tag))
+
+
 def _load_tokenizer(path: Path, *, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
@@ -333,6 +354,11 @@ class SGLangBackend(Backend):
         return len(self._inflight)
 
     async def start(self) -> None:
+        from runtime.sglang_env import prepare
+
+        # No engine here, but the tool-call program's stream parser imports SGLang's parsers:
+        # SGLang must see its environment (CPU flag, sgl_kernel stand-in) before that import.
+        prepare(self._cfg.device if self._cfg.device != "auto" else None)
         self._client = httpx.AsyncClient(timeout=STREAM_TIMEOUT, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         try:
             await self._start()
@@ -345,7 +371,8 @@ class SGLangBackend(Backend):
         client = self._client
         assert client is not None
         await asyncio.gather(*(_wait_reachable(client, u, "/health", self._start_timeout) for u in self.urls))
-        kinds = await asyncio.gather(*(_get_json(client, u, "/get_server_info", "/server_info") for u in self.urls))
+        # Workers answer /server_info (/get_server_info is deprecated there); a router only the old name.
+        kinds = await asyncio.gather(*(_get_json(client, u, "/server_info", "/get_server_info") for u in self.urls))
         self.router = any(k.get("router_manager") for k in kinds)
         if self.router and len(self.urls) > 1:
             raise BackendError("INFERENCE_BACKEND_URLS: give one sglang-router URL, or worker URLs without a router, not both")
@@ -360,7 +387,7 @@ class SGLangBackend(Backend):
         else:
             self.worker_urls = list(self.urls)
             reachable = [await self._worker_info(u) for u in self.urls]
-        model = await _get_json(client, self.urls[0], "/get_model_info", "/model_info")
+        model = await _get_json(client, self.urls[0], "/model_info", "/get_model_info")
         remote_path = str(model.get("model_path") or "")
         if model.get("is_generation") is False:
             raise BackendError(f"{self.urls[0]} serves an embedding model ({remote_path}), not a generative one")
@@ -464,6 +491,15 @@ class SGLangBackend(Backend):
         self.affinity.record(ids, url)
         return url
 
+    def _sampling_params(self, request: GenRequest) -> dict[str, Any]:
+        params = request.sampling.to_sglang()
+        if self.router and "structural_tag" in params:
+            # sglang-router re-serializes sampling_params through a typed struct that has
+            # json_schema / regex / ebnf but no structural_tag: it would drop the constraint
+            # silently. The same constraint as xgrammar EBNF passes through.
+            params["ebnf"] = structural_tag_to_ebnf(params.pop("structural_tag"))
+        return params
+
     async def stream(self, request: GenRequest) -> AsyncIterator[GenUpdate]:
         from runtime.engine import to_update
 
@@ -472,7 +508,7 @@ class SGLangBackend(Backend):
         url = self._pick(request.input_ids)
         body = {
             "input_ids": request.input_ids,
-            "sampling_params": request.sampling.to_sglang(),
+            "sampling_params": self._sampling_params(request),
             "stream": True,
             "rid": request.rid,
         }
@@ -508,25 +544,44 @@ class SGLangBackend(Backend):
                 self._abort_later(url, request.rid)
 
     def _abort_later(self, url: str, rid: str) -> None:
-        """Closing the stream already makes SGLang abort the request (it notices the disconnect;
-        the router passes the disconnect on). A worker also takes an explicit abort at once."""
-        if self.router or self._client is None:
+        """Closing the stream already makes SGLang abort the request, but only when it next
+        checks for a disconnect (seconds later; the router passes the disconnect on). An
+        explicit /abort_request frees the slot at once: sent to the worker, or behind a router
+        (which has no abort endpoint) to every worker it listed; rids are unique, the others ignore it."""
+        if self._client is None:
             return
-        task = asyncio.ensure_future(self._post_abort(url, rid))
+        task = asyncio.ensure_future(self._post_abort(self.worker_urls if self.router else [url], rid))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    async def _post_abort(self, url: str, rid: str) -> None:
+    async def _post_abort(self, urls: list[str], rid: str) -> None:
         client = self._client
         if client is None:
             return
-        with contextlib.suppress(httpx.HTTPError):
-            await client.post(url + "/abort_request", json={"rid": rid}, timeout=PROBE_TIMEOUT)
+
+        async def one(url: str) -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                await client.post(url + "/abort_request", json={"rid": rid}, timeout=PROBE_TIMEOUT)
+
+        await asyncio.gather(*(one(u) for u in urls))
 
     async def abort(self, rid: str) -> None:
         url = self._inflight.get(rid)
-        if url is not None and not self.router:
-            await self._post_abort(url, rid)
+        if url is not None:
+            await self._post_abort(self.worker_urls if self.router else [url], rid)
+
+    async def engine_requests(self) -> int | None:
+        """Requests the workers hold (running + waiting), from each worker's /v1/loads."""
+        if self._client is None:
+            return None
+        total = 0
+        for url in self.worker_urls:
+            try:
+                loads = await _get_json(self._client, url, "/v1/loads")
+            except (httpx.HTTPError, BackendError):
+                return None
+            total += sum(int(l.get("num_running_reqs", 0)) + int(l.get("num_waiting_reqs", 0)) for l in loads.get("loads", []))
+        return total
 
 
 # --------------------------------------------------------------------------- openai
@@ -574,8 +629,9 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in messages:
         role = m["role"]
         if role == "assistant":
-            msg: dict[str, Any] = {"role": "assistant", "content": m.get("content")}
             calls = m.get("tool_calls") or []
+            content = m.get("content")
+            msg: dict[str, Any] = {"role": "assistant", "content": content if content is not None or calls else ""}
             if calls:
                 msg["tool_calls"] = [
                     {"id": c["call_id"], "type": "function",
@@ -761,6 +817,9 @@ class OpenAIBackend(Backend):
                 if finish is None:
                     raise BackendUnavailable(f"{where}: the stream ended without a finish_reason")
                 finished = True
+                # With finish_reason 'length' the calls still open here may be cut short (their
+                # arguments are what the server's partial-JSON parser made of a prefix), or
+                # complete with the model writing on after them: the caller decides by validating.
                 yield ChatUpdate(tool_calls=[_complete(calls.pop(i)) for i in sorted(calls)], finish_reason=finish)
         except httpx.TransportError as exc:
             if self._health is not None and not finished:

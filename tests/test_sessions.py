@@ -26,7 +26,8 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 def calls_of(notes):
-    return [n["params"] for n in notes if n["method"] == "function_call_request"]
+    return [{k: v for k, v in n["params"].items() if k != "request_id"}
+            for n in notes if n["method"] == "function_call_request"]
 
 
 def assert_valid(calls):

@@ -1,0 +1,131 @@
+"""`python -m bench`: the workload is deterministic, the theoretical maximum is right, and the
+whole benchmark runs end to end on a tiny preset with the real engine (structure and sanity
+of its outputs; no speed assertions)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from bench.metrics import TurnRecord, fill_theoretical
+from bench.runner import ALL_MODES, BenchError, parse_modes
+from bench.workload import PRESETS, WorkloadSpec, build_workload
+
+
+def _fake_workload(spec: WorkloadSpec):
+    # Sizes by a crude token count: determinism does not depend on the tokenizer.
+    count = lambda s: len(s) // 4  # noqa: E731
+    return build_workload(spec, count_tokens=count, prefix_len=lambda system, tools: count(system + json.dumps(tools)))
+
+
+def test_workload_is_deterministic_and_shaped_by_the_spec():
+    spec = dataclasses.replace(PRESETS["tiny"], sessions=5, turns=4, agents=2, tools=3, prefix_tokens=1500)
+    a, b = _fake_workload(spec), _fake_workload(spec)
+    assert a.to_dict() == b.to_dict()
+    assert a.tool_result(1, 2, 0, "read_file") == b.tool_result(1, 2, 0, "read_file")
+    other = _fake_workload(dataclasses.replace(spec, seed=1))
+    assert other.to_dict() != a.to_dict()
+
+    assert len(a.agents) == 2 and len(a.sessions) == 5 and a.total_turns == 20
+    assert all(len(agent.tools) == 3 for agent in a.agents)
+    assert all(n >= 1500 for n in a.prefix_lengths)
+    # sessions of one agent share the prefix but not their first message
+    assert [s.agent for s in a.sessions] == [0, 1, 0, 1, 0]
+    assert len({s.user_messages[0] for s in a.sessions}) == 5
+    for s in a.sessions:
+        assert len(s.turns) == 4 and s.turns[0].tool_choice == "required"
+        names = {t["function"]["name"] for t in a.agents[s.agent].tools}
+        for plan in s.turns:
+            if isinstance(plan.tool_choice, dict):
+                assert plan.tool_choice["function"]["name"] in names
+    with pytest.raises(ValueError, match="--sessions"):
+        WorkloadSpec(sessions=0)
+
+
+def test_theoretical_counts_the_agent_prefix_and_earlier_turns():
+    prefix = [1, 2, 3, 4]
+    r1 = TurnRecord(session=0, turn=1, agent=0, input_kind="user", tool_choice="required", t_start=0.0,
+                    prompt_ids=prefix + [10, 11], output_ids=[20, 21])
+    r2 = TurnRecord(session=0, turn=2, agent=0, input_kind="tool", tool_choice="auto", t_start=1.0,
+                    prompt_ids=prefix + [10, 11, 20, 21, 30], output_ids=[40])
+    # another session of the same agent, issued after r1: shares the prefix and nothing more
+    r3 = TurnRecord(session=1, turn=1, agent=0, input_kind="user", tool_choice="required", t_start=0.5,
+                    prompt_ids=prefix + [12, 13], output_ids=[22])
+    # a re-rendered prompt that diverges inside the previous output
+    r4 = TurnRecord(session=1, turn=2, agent=0, input_kind="tool", tool_choice="auto", t_start=2.0,
+                    prompt_ids=prefix + [12, 13, 99, 98], output_ids=[1])
+    fill_theoretical([r2, r4, r1, r3], {0: prefix})
+    assert (r1.theoretical_cached, r2.theoretical_cached, r3.theoretical_cached, r4.theoretical_cached) == (4, 8, 4, 6)
+
+
+def test_modes_flag():
+    assert parse_modes(None) == list(ALL_MODES)
+    assert parse_modes("hf,engine") == ["engine", "hf"]
+    with pytest.raises(BenchError, match="unknown mode"):
+        parse_modes("server,radix")
+    with pytest.raises(BenchError, match="hf replays"):
+        parse_modes("server,hf")
+
+
+@pytest.mark.engine
+async def test_bench_end_to_end_tiny(cfg, backend, tmp_path):
+    from bench import report
+    from bench.runner import run_benchmark
+
+    spec = PRESETS["tiny"]
+    results = await run_benchmark(spec, list(ALL_MODES), cfg=cfg, backend=backend, show_progress=False, preset="tiny")
+    assert backend.is_ready(), "the benchmark must leave a backend it was given running"
+
+    modes = results["modes"]
+    assert set(modes) == set(ALL_MODES)
+    expected_turns = spec.sessions * spec.turns
+    for name, m in modes.items():
+        for key in ("turns_per_s", "output_tokens_per_s", "hit_rate", "theoretical_hit_rate", "ttft_ms_p50",
+                    "ttft_ms_p95", "e2e_ms_p50", "e2e_ms_p95", "prompt_tokens_computed", "prompt_tokens_cached",
+                    "peak_rss_mb", "ttft_by_turn"):
+            assert key in m, (name, key)
+        assert m["turns"] + m["errors"] == expected_turns, name
+        assert m["turns"] > 0 and m["turns_per_s"] > 0 and m["output_tokens"] > 0, name
+        assert 0.0 <= m["hit_rate"] <= 1.0 and 0.0 < m["theoretical_hit_rate"] <= 1.0, name
+        # nothing serves more from the cache than the token ids allow (one token of slack per turn)
+        assert m["prompt_tokens_cached"] <= m["theoretical_cached_tokens"] + m["turns"], name
+        assert m["prompt_tokens_computed"] + m["prompt_tokens_cached"] == m["prompt_tokens"], name
+        assert 0 < m["ttft_ms_p50"] <= m["ttft_ms_p95"] and 0 < m["e2e_ms_p50"] <= m["e2e_ms_p95"], name
+        assert m["ttft_ms_p50"] <= m["e2e_ms_p95"], name
+        assert m["peak_rss_mb"] > 100, name
+        assert sorted(int(t) for t in m["ttft_by_turn"]) == list(range(1, spec.turns + 1)), name
+
+    # The grammar makes every call valid: the session modes lose no turn.
+    assert modes["server"]["errors"] == 0 and modes["engine"]["errors"] == 0
+    # Without a prefix cache nothing is served from one.
+    assert modes["no-radix"]["hit_rate"] == 0.0 and modes["hf"]["hit_rate"] == 0.0
+    # Sessions reuse what was computed: the server gets (nearly) everything the ids allow.
+    assert modes["server"]["hit_vs_theoretical"] >= 0.95
+    assert modes["server"]["theoretical_hit_rate"] == pytest.approx(modes["engine"]["theoretical_hit_rate"], abs=0.02)
+
+    turns = results["turns"]
+    # server and engine send the same token ids: turn 1 is fully determined by the workload
+    first = lambda mode: {(t["session"], t["prompt_tokens"]) for t in turns[mode] if t["turn"] == 1}  # noqa: E731
+    assert first("server") == first("engine") == first("no-radix")
+    # hf replays the reference's prompts and writes exactly as many tokens per turn
+    ref = {(t["session"], t["turn"]): t for t in turns[modes["hf"]["reference_mode"]] if t["error"] is None}
+    for t in turns["hf"]:
+        r = ref[(t["session"], t["turn"])]
+        assert (t["prompt_tokens"], t["completion_tokens"]) == (r["prompt_tokens"], r["completion_tokens"])
+
+    assert results["workload"]["total_turns"] == expected_turns
+    assert results["machine"]["cpu_count"] >= 1
+    assert {t["target"] for t in results["targets"]} >= {"server hit rate / theoretical maximum"}
+
+    paths = report.write(results, tmp_path)
+    names = {p.name for p in paths}
+    assert names == {"results.json", "results.md", "ttft_by_turn.png", "throughput.png"}
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data) >= {"modes", "workload", "machine"}
+    assert data["modes"]["server"]["turns_per_s"] == pytest.approx(modes["server"]["turns_per_s"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| mode | turns/s" in md and all(f"| {m} " in md for m in ALL_MODES)
+    for png in ("ttft_by_turn.png", "throughput.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
