@@ -311,16 +311,7 @@ class AgentRuntime:
                     if ev.text:
                         await emit("reasoning_chunk", {"text": ev.text})
                 elif isinstance(ev, programs.ToolCallEvent):
-                    tool = by_name.get(ev.name)
-                    problems = ["unknown tool"] if tool is None else programs.validate_arguments(tool, ev.arguments)
-                    if problems:
-                        METRICS.invalid_calls.inc()
-                        raise _BadOutput(f"the model produced an invalid call of {ev.name!r}: {'; '.join(problems[:3])}")
-                    call_id = session.next_call_id() if session else f"call_{uuid.uuid4().hex[:16]}"
-                    call = {"call_id": call_id, "name": ev.name, "arguments": ev.arguments}
-                    out.tool_calls.append(call)
-                    pending[call_id] = ev.name
-                    await emit("function_call_request", call)
+                    await _emit_call(ev.name, ev.arguments, by_name, session, out, pending, emit)
                 elif isinstance(ev, programs.InvalidOutput):
                     if state["finish"] == "length":
                         continue  # a call cut off by max_tokens: the turn ends with 'length', no call
@@ -339,32 +330,7 @@ class AgentRuntime:
                     state["finish"] = u.finish_reason
             await handle(parser.finish())
 
-        task = asyncio.create_task(pump())
-        waiter = asyncio.create_task(cancelled.wait())
-        try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():  # cancel requested while generating
-                task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not cancelled.is_set():
-                    raise
-                out.finish_reason = "cancelled"
-            else:
-                out.finish_reason = _finish(state["finish"], out.tool_calls, cancelled.is_set())
-        except _BadOutput as exc:
-            out.finish_reason, out.error = "error", rpc.InternalError(str(exc), {"reason": "invalid_model_output"})
-        except BackendOverloaded as exc:
-            out.finish_reason, out.error = "error", rpc.Overloaded(exc.retry_after_ms, str(exc))
-        except BackendUnavailable as exc:
-            out.finish_reason, out.error = "error", rpc.EngineUnavailable(f"the engine became unavailable: {exc}")
-        except BackendError as exc:
-            out.finish_reason, out.error = "error", rpc.InternalError(f"generation failed: {exc}")
-        finally:
-            waiter.cancel()
-            if not task.done():
-                task.cancel()
+        await _drive(pump, out, cancelled, lambda: state["finish"])
         now = time.perf_counter()
         out.ttft_ms = None if state["first"] is None else (state["first"] - started) * 1000
         out.total_ms = (now - started) * 1000
@@ -450,7 +416,6 @@ class AgentRuntime:
         by_name = {t["function"]["name"]: t for t in tools}
         state: dict[str, Any] = {"finish": None, "first": None}
         pending: dict[str, str] = {}
-        assistant_calls: list[dict[str, Any]] = []
 
         async def pump() -> None:
             async for u in self.backend.chat(request):
@@ -477,12 +442,7 @@ class AgentRuntime:
                     if problems:
                         METRICS.invalid_calls.inc()
                         raise _BadOutput(f"the model produced an invalid call of {c.name!r}: {'; '.join(problems[:3])}")
-                    call_id = session.next_call_id() if session else f"call_{uuid.uuid4().hex[:16]}"
-                    call = {"call_id": call_id, "name": c.name, "arguments": arguments}
-                    out.tool_calls.append(call)
-                    assistant_calls.append(call)
-                    pending[call_id] = c.name
-                    await emit("function_call_request", call)
+                    await _emit_call(c.name, arguments, by_name, session, out, pending, emit)
                 if u.prompt_tokens is not None:
                     out.prompt_tokens, out.cached_tokens = int(u.prompt_tokens), int(u.cached_tokens)
                 if u.completion_tokens is not None:
@@ -491,42 +451,17 @@ class AgentRuntime:
                     state["finish"] = "length" if u.finish_reason == "length" else "stop"
 
         self.active += 1
-        task = asyncio.create_task(pump())
-        waiter = asyncio.create_task(cancelled.wait())
         try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():  # cancel requested while generating: closing the stream tells the server
-                task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not cancelled.is_set():
-                    raise
-                out.finish_reason = "cancelled"
-            else:
-                out.finish_reason = _finish(state["finish"], out.tool_calls, cancelled.is_set())
-        except _BadOutput as exc:
-            out.finish_reason, out.error = "error", rpc.InternalError(str(exc), {"reason": "invalid_model_output"})
-        except BackendContextLength as exc:
-            out.finish_reason, out.error = "error", rpc.ContextLengthExceeded(exc.prompt_tokens, exc.limit, str(exc))
-        except BackendOverloaded as exc:
-            out.finish_reason, out.error = "error", rpc.Overloaded(exc.retry_after_ms, str(exc))
-        except BackendUnavailable as exc:
-            out.finish_reason, out.error = "error", rpc.EngineUnavailable(f"the engine became unavailable: {exc}")
-        except BackendError as exc:
-            out.finish_reason, out.error = "error", rpc.InternalError(f"generation failed: {exc}")
+            await _drive(pump, out, cancelled, lambda: state["finish"])
         finally:
             self.active -= 1
-            waiter.cancel()
-            if not task.done():
-                task.cancel()
         now = time.perf_counter()
         out.ttft_ms = None if state["first"] is None else (state["first"] - started) * 1000
         out.total_ms = (now - started) * 1000
         if session is not None and out.finish_reason in ("stop", "length", "tool_calls", "cancelled"):
             from runtime.remote import chat_messages
 
-            reply = {"role": "assistant", "content": out.text or None, "tool_calls": assistant_calls}
+            reply = {"role": "assistant", "content": out.text or None, "tool_calls": out.tool_calls}
             session.messages = history + chat_messages([reply])
             session.pending_calls = pending
             session.turns += 1
@@ -536,6 +471,60 @@ class AgentRuntime:
 
 class _BadOutput(Exception):
     pass
+
+
+async def _emit_call(name: str, arguments: Any, by_name: dict[str, dict], session: Any, out: TurnOutcome,
+                     pending: dict[str, str], emit: Emit) -> None:
+    """Validate one complete call against its tool's schema, give it an id, send it."""
+    tool = by_name.get(name)
+    problems = ["unknown tool"] if tool is None else programs.validate_arguments(tool, arguments)
+    if problems:
+        METRICS.invalid_calls.inc()
+        raise _BadOutput(f"the model produced an invalid call of {name!r}: {'; '.join(problems[:3])}")
+    call_id = session.next_call_id() if session else f"call_{uuid.uuid4().hex[:16]}"
+    call = {"call_id": call_id, "name": name, "arguments": arguments}
+    out.tool_calls.append(call)
+    pending[call_id] = name
+    await emit("function_call_request", call)
+
+
+async def _drive(pump: Callable[[], Awaitable[None]], out: TurnOutcome, cancelled: asyncio.Event,
+                 engine_finish: Callable[[], str | None]) -> None:
+    """Run `pump` until it ends or `cancelled` is set; record finish_reason and error in `out`.
+
+    Failures after generation started become an outcome (the caller still sends stream_end
+    and a response); only a cancellation of the caller itself propagates.
+    """
+    from runtime.remote import BackendContextLength
+
+    task = asyncio.create_task(pump())
+    waiter = asyncio.create_task(cancelled.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():  # cancel requested while generating: stopping the stream aborts it
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not cancelled.is_set():
+                raise
+            out.finish_reason = "cancelled"
+        else:
+            out.finish_reason = _finish(engine_finish(), out.tool_calls, cancelled.is_set())
+    except _BadOutput as exc:
+        out.finish_reason, out.error = "error", rpc.InternalError(str(exc), {"reason": "invalid_model_output"})
+    except BackendContextLength as exc:
+        out.finish_reason, out.error = "error", rpc.ContextLengthExceeded(exc.prompt_tokens, exc.limit, str(exc))
+    except BackendOverloaded as exc:
+        out.finish_reason, out.error = "error", rpc.Overloaded(exc.retry_after_ms, str(exc))
+    except BackendUnavailable as exc:
+        out.finish_reason, out.error = "error", rpc.EngineUnavailable(f"the engine became unavailable: {exc}")
+    except BackendError as exc:
+        out.finish_reason, out.error = "error", rpc.InternalError(f"generation failed: {exc}")
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
 
 
 def _rendered(render: Callable[..., list[int]], *args: Any, **kwargs: Any) -> list[int]:
