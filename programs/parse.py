@@ -97,10 +97,11 @@ class StreamParser:
         self._marker_hold = ""
         markers = sorted(fmt.atomic_markers, key=len, reverse=True)
         self._markers = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None
-        if fmt.reasoning_parser:
+        if fmt.reasoning_parser or (program.calls_possible and fmt.detector):
             from runtime.sglang_env import prepare
 
-            prepare()
+            prepare()  # before any sglang import: the CPU flag and sgl_kernel are decided there
+        if fmt.reasoning_parser:
             from sglang.srt.parser.reasoning_parser import ReasoningParser
 
             self._reasoning = ReasoningParser(fmt.reasoning_parser, stream_reasoning=True)

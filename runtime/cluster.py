@@ -67,7 +67,9 @@ def worker_flags(cfg: Config, model_path: str) -> list[str]:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the launcher dies, however it dies."""
+    """In the child before exec: SIGTERM when the launcher dies, however it dies. (Linux ties
+    this to the thread that spawned the child: start() the cluster from a thread that lives as
+    long as the cluster, such as the main thread or a thread-pool worker.)"""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -276,20 +278,26 @@ class Cluster:
         self._stopping.set()
 
     def stop(self) -> None:
-        """SIGTERM each child's process group (front first), then SIGKILL what is left."""
+        """SIGTERM the runtime's process group and let it drain; then the router's and the
+        workers' groups together; SIGKILL whatever is left after the grace period."""
         self._stopping.set()
-        grace = {"runtime": self.cfg.shutdown_grace_s + 10}
-        for child in reversed(self.children):
-            if child.proc is None:
-                continue
-            _signal_group(child.proc.pid, signal.SIGTERM)
-            try:
-                child.proc.wait(timeout=grace.get(child.name, 15))
-            except subprocess.TimeoutExpired:
-                self.progress(f"{child.name} did not stop in time; killing it")
-            _signal_group(child.proc.pid, signal.SIGKILL)  # its helpers (scheduler, detokenizer) too
-            with_timeout(child.proc.wait, 10)
-            if not _group_gone(child.proc.pid, timeout=10):
+        front = [c for c in self.children if c.name == "runtime" and c.proc is not None]
+        back = [c for c in self.children if c.name != "runtime" and c.proc is not None]
+        for batch, grace in ((front, self.cfg.shutdown_grace_s + 10), (back, 15.0)):
+            for child in batch:
+                _signal_group(child.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for child in batch:
+                try:
+                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.progress(f"{child.name} did not stop in time; killing it")
+            for child in batch:
+                _signal_group(child.proc.pid, signal.SIGKILL)  # its helpers (scheduler, detokenizer) too
+                with_timeout(child.proc.wait, 10)
+        deadline = time.monotonic() + 10
+        for child in front + back:
+            if not _group_gone(child.proc.pid, timeout=max(0.0, deadline - time.monotonic())):
                 self.progress(f"{child.name}: processes of group {child.proc.pid} are still there")
 
     def alive_groups(self) -> list[int]:

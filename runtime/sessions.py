@@ -48,6 +48,7 @@ class Session:
     turns: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     running: asyncio.Event | None = None  # the cancel event of the turn in progress
+    messages: list[dict] = field(default_factory=list)  # chat-level backends keep the history as messages
 
     def next_call_id(self) -> str:
         self.call_counter += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 
 import httpx
 import pytest
@@ -154,7 +155,7 @@ async def test_session_tool_call_then_results_with_cache_hits(remote):
         opened = (await c.call("session.open", {"system_prompt": SYSTEM, "tools": [TIME_TOOL]}))[0]["result"]
         sid = opened["session_id"]
         first, notes = await _turn(c, {"session_id": sid, "messages": [{"role": "user", "content": "What time is it in Paris?"}],
-                                      "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "max_tokens": 32}, usage)
+                                      "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "max_tokens": 48}, usage)
         calls = [n["params"] for n in notes if n["method"] == "function_call_request"]
         # Through the router this needs the constraint to arrive: sglang-router drops
         # sampling_params.structural_tag, so the backend sends it as EBNF (without that, the
@@ -393,3 +394,49 @@ async def test_openai_chat_path_against_a_fake_server():
                     assert disconnected == ["slow"], "the server kept streaming after cancel"
         finally:
             await backend.stop()
+
+
+# A fake cluster: each child serves 200 on every GET and holds a helper process in its group
+# (as SGLang's scheduler and detokenizer are), to test the launcher's lifecycle in seconds.
+_FAKE_CHILD = """
+import http.server, subprocess, sys
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_cluster_stops_everything_when_a_child_dies(cfg, tmp_path):
+    import signal
+    import sys
+    import threading
+
+    from runtime.cluster import Child, Cluster
+
+    class FakeCluster(Cluster):
+        def _plan(self, model_path):
+            ports = [*self.worker_ports, self.router_port]
+            names = [f"worker {i + 1}/{self.n}" for i in range(self.n)] + ["router"]
+            return [Child(name, [sys.executable, "-c", _FAKE_CHILD, str(port)], f"http://127.0.0.1:{port}", "/health",
+                          self.log_dir / f"{i}.log") for i, (name, port) in enumerate(zip(names, ports))]
+
+    messages: list[str] = []
+    c = FakeCluster(cfg, 2, with_runtime=False, log_dir=tmp_path, progress=messages.append)
+    c.start(timeout_s=60)
+    assert any(m.startswith("ready: 2 workers") for m in messages)
+    assert len(c.alive_groups()) == 3
+    os.kill(c.children[1].proc.pid, signal.SIGKILL)  # worker 2 dies
+    assert c.wait(poll_s=0.1) == 1
+    assert any("worker 2/2 exited" in m for m in messages)
+    assert c.alive_groups() == [], "the other children and their helpers must be gone"
+
+    # A stop request (SIGINT/SIGTERM in the CLI) ends wait() with 0, and everything stops.
+    c = FakeCluster(cfg, 1, with_runtime=False, log_dir=tmp_path / "2", progress=messages.append)
+    c.start(timeout_s=60)
+    threading.Timer(0.5, c.request_stop).start()
+    assert c.wait(poll_s=0.1) == 0
+    c.stop()
+    assert c.alive_groups() == []
