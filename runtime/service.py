@@ -199,12 +199,7 @@ class AgentRuntime:
                 system, messages = messages[0].get("content") or "", messages[1:]
             return await self._run(None, _rendered(self.renderer.full_ids, system, tools, messages), program, p,
                                    tools=tools, emit=emit, cancelled=cancelled, started=started, rid=rid)
-        if session.lock.locked():
-            # Turn N+1's prompt is turn N's output: a second concurrent turn cannot be meant.
-            raise rpc.InvalidParams(
-                "Invalid params: session_id: the session is running a turn; wait for its stream_end",
-                {"errors": [{"field": "session_id", "message": "busy: one turn at a time per session"}]},
-            )
+        _check_not_busy(session)
         async with session.lock:
             self._check_turn_messages(session, messages)
             new_ids = _rendered(self.renderer.turn_ids, messages, close_previous=session.open_turn)
@@ -238,6 +233,13 @@ class AgentRuntime:
         return programs.ToolProgram(self.fmt, tools, tool_choice=choice, parallel_tool_calls=parallel,
                                     end_of_turn=self.renderer.end_of_turn)
 
+    def _check_max_tokens(self, p: Any) -> None:
+        if p.max_tokens is not None and p.max_tokens > self.cfg.max_tokens_cap:
+            raise rpc.InvalidParams(
+                f"Invalid params: max_tokens: {p.max_tokens} exceeds this server's cap of {self.cfg.max_tokens_cap}",
+                {"errors": [{"field": "max_tokens", "message": f"at most {self.cfg.max_tokens_cap} (server.info limits.max_tokens_cap)"}]},
+            )
+
     @staticmethod
     def _check_turn_messages(session: Any, messages: list[dict]) -> None:
         if not messages:
@@ -264,11 +266,7 @@ class AgentRuntime:
         limit = self.backend.info.context_length
         if prompt_tokens >= limit:
             raise rpc.ContextLengthExceeded(prompt_tokens, limit)
-        if p.max_tokens is not None and p.max_tokens > self.cfg.max_tokens_cap:
-            raise rpc.InvalidParams(
-                f"Invalid params: max_tokens: {p.max_tokens} exceeds this server's cap of {self.cfg.max_tokens_cap}",
-                {"errors": [{"field": "max_tokens", "message": f"at most {self.cfg.max_tokens_cap} (server.info limits.max_tokens_cap)"}]},
-            )
+        self._check_max_tokens(p)
         # Room left in the context bounds the completion: it ends with 'length' there.
         max_tokens = min(p.max_tokens or self.cfg.default_max_tokens, limit - prompt_tokens)
         return Sampling(
@@ -376,11 +374,7 @@ class AgentRuntime:
             system = [{"role": "system", "content": p.system_prompt}] if p.system_prompt is not None else []
             return await self._chat_turn(None, system + chat_messages(messages), p, tools, emit=emit, cancelled=cancelled,
                                          started=started, rid=rid)
-        if session.lock.locked():
-            raise rpc.InvalidParams(
-                "Invalid params: session_id: the session is running a turn; wait for its stream_end",
-                {"errors": [{"field": "session_id", "message": "busy: one turn at a time per session"}]},
-            )
+        _check_not_busy(session)
         async with session.lock:
             self._check_turn_messages(session, messages)
             session.running = cancelled
@@ -397,11 +391,7 @@ class AgentRuntime:
 
         from runtime.remote import BackendContextLength, ChatRequest, chat_tools
 
-        if p.max_tokens is not None and p.max_tokens > self.cfg.max_tokens_cap:
-            raise rpc.InvalidParams(
-                f"Invalid params: max_tokens: {p.max_tokens} exceeds this server's cap of {self.cfg.max_tokens_cap}",
-                {"errors": [{"field": "max_tokens", "message": f"at most {self.cfg.max_tokens_cap} (server.info limits.max_tokens_cap)"}]},
-            )
+        self._check_max_tokens(p)
         if self.active >= self.cfg.max_queue:
             raise rpc.Overloaded(retry_after_ms=1000, message=f"the engine queue is full ({self.cfg.max_queue} requests); retry later")
         choice = p.tool_choice if p.tool_choice is None or isinstance(p.tool_choice, str) else _dump(p.tool_choice)
@@ -525,6 +515,15 @@ async def _drive(pump: Callable[[], Awaitable[None]], out: TurnOutcome, cancelle
         waiter.cancel()
         if not task.done():
             task.cancel()
+
+
+def _check_not_busy(session: Any) -> None:
+    # Turn N+1's prompt is turn N's output: a second concurrent turn on a session cannot be meant.
+    if session.lock.locked():
+        raise rpc.InvalidParams(
+            "Invalid params: session_id: the session is running a turn; wait for its stream_end",
+            {"errors": [{"field": "session_id", "message": "busy: one turn at a time per session"}]},
+        )
 
 
 def _rendered(render: Callable[..., list[int]], *args: Any, **kwargs: Any) -> list[int]:
