@@ -17,7 +17,9 @@ character is text, so no ToolCallEvent can come out.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,20 @@ if TYPE_CHECKING:
     from programs.program import ToolProgram
 
 __all__ = ["TextDelta", "ReasoningDelta", "ToolCallEvent", "InvalidOutput", "Event", "StreamParser"]
+
+
+@contextlib.contextmanager
+def _sglang_parse_errors_quiet():
+    """SGLang's detectors log an ERROR when a call's JSON is incomplete (a call cut off by
+    max_tokens is an ordinary 'length' finish here, reported to the client as such): keep
+    that out of the host's logs while this module decides what the text means."""
+    log = logging.getLogger("sglang.srt.function_call")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @dataclass(frozen=True)
@@ -131,7 +147,8 @@ class StreamParser:
         if self._fcp is None:
             return events
         events += self._normal("", final=True)
-        text, calls = self._fcp.parse_stream_end()
+        with _sglang_parse_errors_quiet():
+            text, calls = self._fcp.parse_stream_end()
         events += self._detector_output(text, calls)
         events += self._cross_check()
         for index, call in sorted(self._calls.items()):
@@ -247,7 +264,8 @@ class StreamParser:
             return []  # streaming saw every call there is (complete or not)
         from sglang.srt.function_call.function_call_parser import FunctionCallParser
 
-        _, calls = FunctionCallParser(self._tools, self.program.fmt.detector).parse_non_stream(self._raw)
+        with _sglang_parse_errors_quiet():
+            _, calls = FunctionCallParser(self._tools, self.program.fmt.detector).parse_non_stream(self._raw)
         events: list[Event] = []
         for index, item in enumerate(calls):
             if index in self._emitted:

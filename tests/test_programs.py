@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 
 import pytest
 
@@ -509,6 +510,17 @@ def test_parser_reports_bad_and_truncated_calls(fmt):
     named = P.ToolProgram(fmt, TOOLS, tool_choice={"type": "function", "function": {"name": "search"}})
     _, calls, bad = _summary(_parse(named, CALL_W, 5))
     assert calls == [] and bad
+
+
+def test_truncated_call_is_not_logged_as_an_error(fmt, caplog):
+    # A call cut off by max_tokens is an ordinary 'length' finish: SGLang's detector must not
+    # put an ERROR line in the host's log for it.
+    prog = P.ToolProgram(fmt, TOOLS, tool_choice="required")
+    with caplog.at_level(logging.DEBUG):
+        _, calls, bad = _summary(_parse(prog, CALL_W[:19], 5))
+    assert calls == [] and bad
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert logging.getLogger("sglang.srt.function_call").level == logging.NOTSET  # restored
 
 
 @pytest.mark.parametrize("step", [1, 5, 10_000])
