@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
+from runtime import sglang_plugin
 from runtime.backend import Backend, BackendInfo, BackendUnavailable, GenRequest, GenUpdate
 from runtime.config import Config
 
@@ -97,6 +99,17 @@ def to_update(out: dict[str, Any]) -> GenUpdate:
     )
 
 
+async def _attention_class(tm: Any) -> str | None:
+    """The attention backend class the scheduler runs, as runtime.sglang_plugin reports it
+    (None where the plugin is not loaded, e.g. on CUDA)."""
+    try:
+        states = await tm.get_internal_state()
+    except Exception as exc:  # informational only
+        log.debug("no internal state from the scheduler: %s", exc)
+        return None
+    return next((s[sglang_plugin.STATE_KEY] for s in states if sglang_plugin.STATE_KEY in s), None)
+
+
 class EmbeddedBackend(Backend):
     """sglang.Engine in this process (its scheduler and detokenizer are child processes)."""
 
@@ -140,6 +153,10 @@ class EmbeddedBackend(Backend):
         path = await asyncio.to_thread(resolve_model, self._cfg.model_id, cache_dir=self._cfg.cache_dir)
         self.model_path = str(path)
         kwargs = engine_kwargs(self._cfg, self.model_path)
+        attention = str(kwargs.get("attention_backend") or "sglang-default")
+        if self._cfg.device == "cpu":
+            # Read by runtime.sglang_plugin in the engine's processes (they inherit the environment).
+            os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         before = _children()
         self._engine = await asyncio.to_thread(_construct_engine, kwargs)
@@ -150,17 +167,20 @@ class EmbeddedBackend(Backend):
         self._reclaim_signals(saved)
         self._tokenizer = tm.tokenizer
         loads = await tm.get_loads()
+        attention_class = await _attention_class(tm)
+        if attention_class and attention_class.endswith(".PrefixSDPABackend"):
+            attention += "+prefix-sdpa"
         kv_tokens = int(loads[0].max_total_num_tokens) if loads else int(kwargs.get("max_total_tokens", 0))
         self._info = BackendInfo(
             name="embedded",
             model=self._cfg.model_id or "SmolLM2-135M-Instruct (embedded default)",
             device=self._cfg.device,
             dtype=str(kwargs["dtype"]),
-            attention_backend=str(kwargs.get("attention_backend") or "sglang-default"),
+            attention_backend=attention,
             context_length=int(tm.context_len),
             kv_capacity_tokens=kv_tokens,
             radix_cache=self._cfg.radix_cache,
-            extra={"sgl_kernel": env["sgl_kernel"], "model_path": self.model_path},
+            extra={"sgl_kernel": env["sgl_kernel"], "model_path": self.model_path, "attention_class": attention_class},
         )
         self._ready = True
         self._dead_reason = None

@@ -1,0 +1,126 @@
+"""runtime.cpu_attention: the prefix-aware SDPA backend gives SGLang's torch_native results on
+the shapes the CPU engine sends it (extends on cached prefixes, first prefills, decode batches,
+grouped-query heads), and runtime.sglang_plugin installs it only in a CPU engine's processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runtime.sglang_env import prepare
+
+prepare("cpu")
+
+import torch  # noqa: E402
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
+
+from runtime import cpu_attention  # noqa: E402
+from runtime.cpu_attention import PrefixSDPABackend  # noqa: E402
+
+
+def _pool(seq_lens, kv_heads, dim, dtype, seed):
+    """A KV pool with each request's tokens at scattered slots, as SGLang's allocator leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(seq_lens)
+    slots = torch.randperm(total + 64, generator=g)[:total] + 1
+    req_to_token = torch.zeros(len(seq_lens) + 2, max(seq_lens) + 8, dtype=torch.int64)
+    at = 0
+    pool_idx = torch.tensor([i + 1 for i in range(len(seq_lens))])  # not 0..n-1 on purpose
+    for i, n in enumerate(seq_lens):
+        req_to_token[pool_idx[i], :n] = slots[at : at + n]
+        at += n
+    k = torch.randn(total + 80, kv_heads, dim, generator=g).to(dtype)
+    v = torch.randn(total + 80, kv_heads, dim, generator=g).to(dtype)
+    return k, v, req_to_token, pool_idx
+
+
+def _backends():
+    # The methods under test use no state set up by __init__ (which needs a model runner).
+    return object.__new__(TorchNativeAttnBackend), object.__new__(PrefixSDPABackend)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
+def test_extend_matches_sglang(dtype, tol, heads, kv_heads, monkeypatch):
+    monkeypatch.setattr(cpu_attention, "QUERY_BLOCK", 16)  # several query blocks per request
+    dim = 32
+    # (cached prefix, new tokens) per request: a cache hit, a first prefill longer than one
+    # block, a one-token extend, a request with nothing new
+    plan = [(37, 5), (0, 40), (70, 1), (12, 0), (3, 33)]
+    seq_lens = [p + n for p, n in plan]
+    k, v, r2t, pool_idx = _pool(seq_lens, kv_heads, dim, dtype, seed=1)
+    n_tokens = sum(n for _, n in plan)
+    q = torch.randn(n_tokens, heads, dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    args = (k, v, r2t, pool_idx, torch.tensor(seq_lens), torch.tensor([p for p, _ in plan]),
+            torch.tensor([n for _, n in plan]))
+    ref, new = _backends()
+    out_ref = ref._run_sdpa_forward_extend(q, torch.zeros(n_tokens, heads, dim, dtype=dtype), *args,
+                                           scaling=dim**-0.5, enable_gqa=heads != kv_heads, causal=True)
+    out_new = new._run_sdpa_forward_extend(q, torch.zeros(n_tokens, heads, dim, dtype=dtype), *args,
+                                           scaling=dim**-0.5, enable_gqa=heads != kv_heads, causal=True)
+    assert out_new.shape == out_ref.shape
+    assert torch.allclose(out_new.float(), out_ref.float(), atol=tol, rtol=tol), (out_new.float() - out_ref.float()).abs().max()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (6, 1), (4, 4)])
+def test_decode_matches_sglang(heads, kv_heads):
+    dim = 16
+    seq_lens = [50, 1, 129, 7]
+    k, v, r2t, pool_idx = _pool(seq_lens, kv_heads, dim, torch.float32, seed=3)
+    q = torch.randn(len(seq_lens), heads, dim, generator=torch.Generator().manual_seed(4))
+    args = (k, v, r2t, pool_idx, torch.tensor(seq_lens))
+    ref, new = _backends()
+    out_ref = ref._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=0.3, enable_gqa=heads != kv_heads)
+    out_new = new._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=0.3, enable_gqa=heads != kv_heads)
+    assert torch.allclose(out_new, out_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_layers_fall_back_to_sglang():
+    # a sliding window is SGLang's own code path, result for result
+    dim, heads, kv_heads = 8, 2, 1
+    seq_lens = [20]
+    k, v, r2t, pool_idx = _pool(seq_lens, kv_heads, dim, torch.float32, seed=5)
+    q = torch.randn(6, heads, dim, generator=torch.Generator().manual_seed(6))
+    args = (k, v, r2t, pool_idx, torch.tensor(seq_lens), torch.tensor([14]), torch.tensor([6]))
+    ref, new = _backends()
+    kw = dict(scaling=0.5, enable_gqa=True, causal=True, sliding_window_size=4)
+    out_ref = ref._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, **kw)
+    out_new = new._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, **kw)
+    assert torch.equal(out_new, out_ref)
+
+
+_PROBE = """
+import sys
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.layers.attention import torch_native_backend as m
+print(m.TorchNativeAttnBackend.__module__ + "." + m.TorchNativeAttnBackend.__name__)
+"""
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"SGLANG_USE_CPU_ENGINE": "1"}, "runtime.cpu_attention.PrefixSDPABackend"),
+    ({"SGLANG_USE_CPU_ENGINE": "1", "AGENT_RUNTIME_CPU_ATTENTION": "sglang"},
+     "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"),
+    ({"SGLANG_USE_CPU_ENGINE": "0"}, "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"),
+])
+def test_plugin_installs_the_backend_in_a_fresh_sglang_process(env, expected):
+    # What SGLang's scheduler process does first: load the installed plugins (entry points).
+    base = {k: v for k, v in os.environ.items() if k not in ("SGLANG_USE_CPU_ENGINE", "AGENT_RUNTIME_CPU_ATTENTION")}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env={**base, **env}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.engine
+def test_the_engine_scheduler_runs_prefix_sdpa(backend):
+    # Read back from the scheduler process itself (runtime.sglang_plugin reports the class its
+    # model runner holds): fails if the entry point is not installed or the hook did not apply.
+    if backend.info.device != "cpu":
+        pytest.skip("the CPU attention backend is for CPU engines")
+    assert backend.info.extra["attention_class"] == "runtime.cpu_attention.PrefixSDPABackend"
+    assert backend.info.attention_backend == "torch_native+prefix-sdpa"
