@@ -68,6 +68,10 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
         kwargs["max_total_tokens"] = cfg.kv_cache_tokens or CPU_DEFAULT_KV_TOKENS
         kwargs["mem_fraction_static"] = 0.3
         kwargs["disable_cuda_graph"] = True
+        # An idle scheduler otherwise polls in a busy loop: a whole core on a small CPU host,
+        # taken from the server's own process (and from any other engine). With this it waits
+        # on its sockets and wakes when a request arrives.
+        kwargs["sleep_on_idle"] = True
     else:
         kwargs["mem_fraction_static"] = cfg.mem_fraction_static
         kwargs["disable_cuda_graph"] = not cfg.cuda_graph

@@ -134,7 +134,7 @@ def test_engine_arguments_per_device():
     cpu = engine_kwargs(resolve_device(load(), has_cuda=False), "/m")
     assert cpu["device"] == "cpu" and cpu["attention_backend"] == "torch_native"
     assert cpu["dtype"] == "bfloat16" and cpu["max_total_tokens"] == 65536 and cpu["disable_radix_cache"] is False
-    assert cpu["constrained_json_disable_any_whitespace"] is True
+    assert cpu["constrained_json_disable_any_whitespace"] is True and cpu["sleep_on_idle"] is True
     cuda = engine_kwargs(resolve_device(load({"INFERENCE_QUANTIZATION": "bnb-4bit", "INFERENCE_BNB_COMPUTE_DTYPE": "float16",
                                               "INFERENCE_ATTN_IMPLEMENTATION": "flash_attention_2"}), has_cuda=True), "/m")
     assert cuda["quantization"] == "bitsandbytes" and cuda["dtype"] == "float16"

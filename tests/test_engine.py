@@ -60,3 +60,18 @@ async def test_cancel_frees_the_engine_request(backend):
         await asyncio.sleep(0.1)
     assert await backend.engine_requests() == 0
     assert backend.inflight() == 0
+
+
+async def test_an_idle_engine_does_not_spin(backend):
+    # SGLang's scheduler busy-polls its sockets unless sleep_on_idle is set: on a 2-core host
+    # that is a core taken from the server's own process. Idle, it should use almost no CPU.
+    import psutil
+
+    await asyncio.sleep(1.0)  # let anything still finishing settle
+    procs = [psutil.Process(pid) for pid in backend.child_pids() if psutil.pid_exists(pid)]
+    assert procs, "the engine's processes are not known"
+    before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+    await asyncio.sleep(3.0)
+    used = {p.pid: sum(p.cpu_times()[:2]) - before[p.pid] for p in procs}
+    # a busy loop would use ~3 s here (or most of a contended core); a waiting one ~0
+    assert max(used.values()) < 1.0, used
