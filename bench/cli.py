@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small preset (about 3 minutes on 2 CPU cores)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named preset (default: default; --quick = quick)")
-    p.add_argument("--modes", help="comma-separated modes: server, engine, rerender, no-radix, hf (default: all)")
+    p.add_argument("--modes", help="comma-separated modes: server, engine, rerender, no-radix, hf (default: all); "
+                   "server, engine and rerender run in the order given, no-radix and hf after them")
     d = PRESETS["default"]
     helps = {
         "sessions": "S: sessions", "turns": "T: model turns per session", "agents": "G: agent definitions",

@@ -66,7 +66,18 @@ async def run_sessions(
 
     async def play(sp: SessionPlan) -> None:
         async with sem:
-            handle = await driver.open(sp)
+            try:
+                handle = await driver.open(sp)
+            except Exception as exc:  # the session never opened: each of its turns is a failure
+                for t, plan in enumerate(sp.turns):
+                    rec = TurnRecord(session=sp.index, turn=t + 1, agent=sp.agent, input_kind="user",
+                                     tool_choice=choice_label(plan.tool_choice), finish_reason="error",
+                                     error=f"session open failed: {type(exc).__name__}: {exc}")
+                    rec.t_start = rec.t_end = clock.now()
+                    records.append(rec)
+                    if on_turn is not None:
+                        on_turn(rec)
+                return
             try:
                 calls: list[dict[str, Any]] = []
                 next_user = 0

@@ -54,12 +54,13 @@ def markdown(results: dict[str, Any]) -> str:
         )
     turns = sorted({int(t) for _, m in _modes(results) for t in m["ttft_by_turn"]})
     if turns:
-        lines += ["", "TTFT p50 (ms) by turn index:", "",
+        lines += ["", "TTFT p50 / p95 (ms) by turn index:", "",
                   "| mode | " + " | ".join(f"turn {t}" for t in turns) + " |",
                   "|---|" + "---:|" * len(turns)]
         for name, m in _modes(results):
             bt = {int(k): v for k, v in m["ttft_by_turn"].items()}
-            lines.append(f"| {name} | " + " | ".join(_f(bt[t]["ttft_ms_p50"], 0) if t in bt else "–" for t in turns) + " |")
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_f(bt[t]['ttft_ms_p50'], 0)} / {_f(bt[t]['ttft_ms_p95'], 0)}" if t in bt else "–" for t in turns) + " |")
         lines += ["", "Mean prompt tokens by turn index:", "",
                   "| mode | " + " | ".join(f"turn {t}" for t in turns) + " |",
                   "|---|" + "---:|" * len(turns)]
@@ -68,6 +69,10 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(_f(bt[t]["prompt_tokens_mean"], 0) if t in bt else "–" for t in turns) + " |")
     out_tokens = {name: m["output_tokens"] for name, m in _modes(results)}
     lines += ["", f"Output tokens written per mode: {out_tokens}."]
+    host_cpu = {name: m["host_cpu_s"] for name, m in _modes(results) if "host_cpu_s" in m}
+    if host_cpu:
+        lines.append(f"CPU seconds of the benchmark's own process during the mode (client, server, SGLang's "
+                     f"tokenizer side; not the scheduler): {host_cpu}.")
     checks = results.get("checks") or {}
     for key, c in checks.items():
         lines.append(f"{key.replace('_', ' ')}: {c['same_prompt_tokens']}/{c['turns']} turns with the same prompt "
@@ -80,6 +85,10 @@ def markdown(results: dict[str, Any]) -> str:
     ms = results["machine"]
     lines += ["", f"Machine: {ms.get('cpu')} ({ms.get('cpu_count')} cores), {ms.get('memory_gb')} GiB, "
                   f"{ms.get('device', '?')} {ms.get('dtype', '')}; {ms.get('versions')}; {ms.get('date')}."]
+    if ms.get("contended"):
+        lines.append(f"WARNING: the CPU was shared with other processes during this run (load average before "
+                     f"{ms.get('load_average_before')}, after {ms.get('load_average_after')} on {ms.get('cpu_count')} "
+                     "cores): the timings are not representative.")
     t = results.get("timings", {})
     lines.append("Timings: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + ".")
     return "\n".join(lines) + "\n"

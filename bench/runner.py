@@ -53,7 +53,10 @@ def parse_modes(text: str | None) -> list[str]:
         raise BenchError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODES)}")
     if "hf" in wanted and not any(m in wanted for m in REFERENCE_ORDER):
         raise BenchError("hf replays the token ids of engine, no-radix or rerender: select one of them too")
-    return [m for m in ALL_MODES if m in wanted]
+    # The radix modes run in the order given (one engine, one after the other: the order is a
+    # variable worth varying); no-radix and hf always come after them, in their own processes.
+    radix = list(dict.fromkeys(m for m in wanted if m in RADIX_MODES))
+    return radix + [m for m in ALL_MODES if m in wanted and m not in RADIX_MODES]
 
 
 class Progress:
@@ -257,6 +260,7 @@ async def run_benchmark(
 
     modes = list(modes or ALL_MODES)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     cfg = cfg or load_config()
     own = backend is None
     timings: dict[str, float] = {}
@@ -301,24 +305,31 @@ async def run_benchmark(
             await warm_grammars(backend, workload, progs)
         for mode in [m for m in modes if m in RADIX_MODES]:
             progress.mode(mode)
-            if not await flush_cache(backend):
-                raise BenchError("could not flush the engine's radix cache between modes")
-            with MemorySampler() as mem:
+            async with contextlib.AsyncExitStack() as stack:
                 if mode == "server":
-                    async with serving(cfg, backend) as url:
-                        headers = {"Authorization": f"Bearer {cfg.api_key.split(',')[0].strip()}"} if cfg.api_key else {}
-                        recs, wall = await run_sessions(workload, ServerDriver(url, workload, headers=headers),
-                                                        concurrency=spec.concurrency, on_turn=progress.turn)
-                    server_prompt_ids(recs, workload, progs, prefixes)
+                    url = await stack.enter_async_context(serving(cfg, backend))
+                    headers = {"Authorization": f"Bearer {cfg.api_key.split(',')[0].strip()}"} if cfg.api_key else {}
+                    make = lambda w: ServerDriver(url, w, headers=headers)  # noqa: E731
                 elif mode == "engine":
-                    driver = EngineDriver(backend, workload, progs, warm=True)
-                    recs, wall = await run_sessions(workload, driver, concurrency=spec.concurrency, on_turn=progress.turn)
+                    make = lambda w: EngineDriver(backend, w, progs, warm=True)  # noqa: E731
                 else:
-                    driver = RerenderDriver(backend, workload, progs)
-                    recs, wall = await run_sessions(workload, driver, concurrency=spec.concurrency, on_turn=progress.turn)
+                    make = lambda w: RerenderDriver(backend, w, progs)  # noqa: E731
+                # One unmeasured turn first, then a cold cache for the measured run.
+                await run_sessions(workload.warmup(), make(workload.warmup()), concurrency=1)
+                if not await flush_cache(backend):
+                    raise BenchError("could not flush the engine's radix cache between modes")
+                cpu0 = time.process_time()
+                with MemorySampler() as mem:
+                    recs, wall = await run_sessions(workload, make(workload), concurrency=spec.concurrency,
+                                                    on_turn=progress.turn)
+                # CPU time of this process (client, server, SGLang's tokenizer side), not the
+                # scheduler's: on a 2-core host it is taken from the engine.
+                host_cpu = time.process_time() - cpu0
+            if mode == "server":
+                server_prompt_ids(recs, workload, progs, prefixes)
             fill_theoretical(recs, prefixes)
             records[mode] = recs
-            results[mode] = aggregate(recs, wall_s=wall, peak_rss_bytes=mem.peak)
+            results[mode] = aggregate(recs, wall_s=wall, peak_rss_bytes=mem.peak, extra={"host_cpu_s": round(host_cpu, 2)})
 
         if own and backend is not None:
             progress.note("stopping the radix-cache engine ...")
@@ -374,11 +385,18 @@ async def run_benchmark(
     if "engine" in records and "no-radix" in records:
         checks["engine_vs_no_radix_parity"] = parity(records["engine"], records["no-radix"])
     timings["total_s"] = time.perf_counter() - started
+    machine = machine_info(backend_info)
+    # Other processes on the CPU change every figure: say so in the results.
+    machine["load_average_before"] = [round(x, 2) for x in load_before]
+    machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    cores = os.cpu_count() or 1
+    # A heuristic: busy before the run started, or far more runnable threads than this run's own.
+    machine["contended"] = load_before[0] > cores or machine["load_average_after"][1] > 2 * cores
     return {
         "preset": preset,
         "modes": results,
         "workload": {**workload.summary(), "theoretical_hit_rate": _workload_theoretical(results)},
-        "machine": machine_info(backend_info),
+        "machine": machine,
         "timings": timings,
         "checks": checks,
         "targets": targets(results, spec),

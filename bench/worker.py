@@ -60,6 +60,7 @@ async def run_no_radix(job: dict[str, Any]) -> dict[str, Any]:
         await warm_grammars(backend, workload, progs)
         # No session warm-up: without a prefix cache it would only compute the prefix twice.
         driver = EngineDriver(backend, workload, progs, warm=False)
+        await run_sessions(workload.warmup(), EngineDriver(backend, workload.warmup(), progs, warm=False), concurrency=1)
         print(f"{PROGRESS}-start", flush=True)
         records, wall = await run_sessions(workload, driver, concurrency=workload.spec.concurrency, on_turn=_progress)
         return {"records": _dump(records, ids=True), "wall_s": wall, "engine_start_s": start_s,

@@ -63,6 +63,7 @@ def test_theoretical_counts_the_agent_prefix_and_earlier_turns():
 def test_modes_flag():
     assert parse_modes(None) == list(ALL_MODES)
     assert parse_modes("hf,engine") == ["engine", "hf"]
+    assert parse_modes("no-radix,rerender,server,engine,server") == ["rerender", "server", "engine", "no-radix"]
     with pytest.raises(BenchError, match="unknown mode"):
         parse_modes("server,radix")
     with pytest.raises(BenchError, match="hf replays"):
@@ -97,6 +98,8 @@ async def test_bench_end_to_end_tiny(cfg, backend, tmp_path):
         assert m["peak_rss_mb"] > 100, name
         assert sorted(int(t) for t in m["ttft_by_turn"]) == list(range(1, spec.turns + 1)), name
 
+    for name in ("server", "engine", "rerender"):  # in this process: its CPU time is reported
+        assert modes[name]["host_cpu_s"] > 0, name
     # The grammar makes every call valid: the session modes lose no turn.
     assert modes["server"]["errors"] == 0 and modes["engine"]["errors"] == 0
     # Without a prefix cache nothing is served from one.
