@@ -294,9 +294,6 @@ class EngineDriver:
         self._tools = {g: progs.tools(a.tools) for g, a in enumerate(workload.agents)}
         self._prefix = {g: progs.renderer.prefix_ids(a.system_prompt, self._tools[g]) for g, a in enumerate(workload.agents)}
 
-    def agent_prefixes(self) -> dict[int, list[int]]:
-        return dict(self._prefix)
-
     async def open(self, sp: SessionPlan) -> dict[str, Any]:
         from runtime.backend import GenRequest, Sampling
 
@@ -339,10 +336,6 @@ class RerenderDriver:
         self.workload = workload
         self.progs = progs
         self._tools = {g: progs.tools(a.tools) for g, a in enumerate(workload.agents)}
-
-    def agent_prefixes(self) -> dict[int, list[int]]:
-        r = self.progs.renderer
-        return {g: r.prefix_ids(a.system_prompt, self._tools[g]) for g, a in enumerate(self.workload.agents)}
 
     async def open(self, sp: SessionPlan) -> dict[str, Any]:
         agent = self.workload.agents[sp.agent]

@@ -315,7 +315,8 @@ async def run_benchmark(
                 else:
                     make = lambda w: RerenderDriver(backend, w, progs)  # noqa: E731
                 # One unmeasured turn first, then a cold cache for the measured run.
-                await run_sessions(workload.warmup(), make(workload.warmup()), concurrency=1)
+                warmup = workload.warmup()
+                await run_sessions(warmup, make(warmup), concurrency=1)
                 if not await flush_cache(backend):
                     raise BenchError("could not flush the engine's radix cache between modes")
                 cpu0 = time.process_time()

@@ -59,12 +59,12 @@ async def run_no_radix(job: dict[str, Any]) -> dict[str, Any]:
         workload = Workload.from_dict(job["workload"], lambda s: len(tok.encode(s, add_special_tokens=False)))
         await warm_grammars(backend, workload, progs)
         # No session warm-up: without a prefix cache it would only compute the prefix twice.
-        driver = EngineDriver(backend, workload, progs, warm=False)
-        await run_sessions(workload.warmup(), EngineDriver(backend, workload.warmup(), progs, warm=False), concurrency=1)
+        warmup = workload.warmup()
+        await run_sessions(warmup, EngineDriver(backend, warmup, progs, warm=False), concurrency=1)
         print(f"{PROGRESS}-start", flush=True)
-        records, wall = await run_sessions(workload, driver, concurrency=workload.spec.concurrency, on_turn=_progress)
-        return {"records": _dump(records, ids=True), "wall_s": wall, "engine_start_s": start_s,
-                "agent_prefixes": {str(k): v for k, v in driver.agent_prefixes().items()}}
+        records, wall = await run_sessions(workload, EngineDriver(backend, workload, progs, warm=False),
+                                           concurrency=workload.spec.concurrency, on_turn=_progress)
+        return {"records": _dump(records, ids=True), "wall_s": wall, "engine_start_s": start_s}
     finally:
         await backend.stop()
 
