@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one entry point.
 #   ./launch.sh [serve] [FLAGS]   start the server (default model unless INFERENCE_MODEL_ID is set)
-#   ./launch.sh test [PYTEST ARGS] run the test suite
+#   ./launch.sh test [PYTEST ARGS] run the test suite (-m "not engine": the fast part, no model)
+#   ./launch.sh lint              ruff and mypy (configured in pyproject.toml)
 #   ./launch.sh bench [ARGS]      python -m bench ARGS
 #   ./launch.sh cluster N [FLAGS] N local SGLang workers + sglang-router + the runtime in front
 # The first run creates .venv and installs everything (several minutes); later runs skip the
@@ -49,10 +50,10 @@ bootstrap() {
 cmd="${1:-serve}"
 case "$cmd" in
     -h|--help|help)
-        sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    serve|test|bench|cluster) if [ $# -gt 0 ]; then shift; fi ;;
+        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    serve|test|lint|bench|cluster) if [ $# -gt 0 ]; then shift; fi ;;
     -*) cmd=serve ;;
-    *) echo "launch.sh: unknown command '$cmd' (serve, test, bench, cluster)" >&2; exit 2 ;;
+    *) echo "launch.sh: unknown command '$cmd' (serve, test, lint, bench, cluster)" >&2; exit 2 ;;
 esac
 
 bootstrap
@@ -63,6 +64,9 @@ case "$cmd" in
     serve) exec "$PY" -m runtime serve "$@" ;;
     bench) exec "$PY" -m bench "$@" ;;
     cluster) exec "$PY" -m runtime.cluster "$@" ;;
+    lint)
+        "$PY" -m ruff check .
+        exec "$PY" -m mypy ;;
     test)
         set +e
         "$PY" -m pytest "$@"

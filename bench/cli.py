@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from runtime.config import ConfigError, load_config
-    from runtime.sglang_env import prepare
+    from runtime.sglang_adapter import prepare
 
     try:
         cfg = load_config()

@@ -8,25 +8,26 @@ from the workload, keyed by session/turn/tool name), else the session's next use
 Drivers (what differs between modes):
 - ServerDriver   this runtime over a real WebSocket: session.open, generate with session_id
                  (only the new messages), notifications, stream_end usage and timings.
-- EngineDriver   the same turn on the embedded engine directly, token ids built exactly as
-                 runtime.service builds them for a session (prefix_ids, warm-up at open,
-                 turn_ids(close_previous=...), prompt + output ids appended), the same
-                 programs.ToolProgram constraint and parser: what is left is the protocol layer.
-                 With `warm=False` and an engine started with radix_cache=False it is `no-radix`.
+- EngineDriver   the server without the socket: runtime.service.AgentRuntime called in
+                 process, exactly as the WebSocket front end calls it (session.open, generate
+                 with session_id). What `server` adds over it is the protocol and the socket.
+                 On an engine started with radix_cache=False it is `no-radix`.
 - RerenderDriver a naive stateless client: it keeps the message history, and each turn the
                  whole history is rendered to one text and tokenized again (what an
-                 OpenAI-style server does with `messages`), on the radix-cache engine.
+                 OpenAI-style server does with `messages`), then runs the runtime's own turn
+                 (runtime.turn) on the radix-cache engine.
 The `hf` mode (bench.hf) replays another mode's token ids with transformers generate.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from bench.metrics import Clock, TurnRecord
 from bench.workload import SessionPlan, TurnPlan, Workload
@@ -122,239 +123,163 @@ async def run_sessions(
 
 
 class ServerDriver:
-    """A client of this runtime over a real WebSocket, one connection per session."""
+    """A client of this runtime over a real WebSocket (protocol.client), one connection per session."""
 
     def __init__(self, url: str, workload: Workload, *, headers: dict[str, str] | None = None):
         self.url = url
         self.workload = workload
         self.headers = headers or {}
-        self._ids = 0
-
-    async def _call(self, ws: Any, method: str, params: dict[str, Any], *, first_event: list | None = None) -> tuple[dict, list]:
-        self._ids += 1
-        rid = self._ids
-        await ws.send(json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}))
-        notes = []
-        while True:
-            frame = json.loads(await ws.recv())
-            if isinstance(frame, dict) and "method" in frame:
-                if first_event is not None and not first_event:
-                    first_event.append(time.perf_counter())
-                notes.append(frame)
-                continue
-            if isinstance(frame, dict) and frame.get("id") == rid:
-                return frame, notes
-            raise RuntimeError(f"unexpected frame: {str(frame)[:200]}")
 
     async def open(self, sp: SessionPlan) -> dict[str, Any]:
-        import websockets
+        from protocol.client import connect
 
         agent = self.workload.agents[sp.agent]
-        ws = await websockets.connect(self.url, max_size=None, additional_headers=self.headers, open_timeout=60,
-                                      ping_interval=None)
-        reply, _ = await self._call(ws, "session.open", {"system_prompt": agent.system_prompt, "tools": agent.tools})
-        if "error" in reply:
-            await ws.close()
-            raise RuntimeError(f"session.open failed: {reply['error']}")
-        return {"ws": ws, "session_id": reply["result"]["session_id"], "prefix_tokens": reply["result"]["prefix_tokens"]}
+        stack = contextlib.AsyncExitStack()
+        client = await stack.enter_async_context(connect(self.url, headers=self.headers, open_timeout=60))
+        try:
+            session = await client.open_session(system_prompt=agent.system_prompt, tools=agent.tools)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return {"client": client, "stack": stack, "session_id": session.session_id,
+                "prefix_tokens": session.prefix_tokens}
 
     async def turn(self, h: dict[str, Any], messages: list[dict], plan: TurnPlan) -> TurnResult:
-        params = {
-            "session_id": h["session_id"],
-            "messages": messages,
-            "tool_choice": plan.tool_choice,
-            "parallel_tool_calls": plan.parallel_tool_calls,
-            "max_tokens": plan.max_tokens,
-            "temperature": 0.0,
-        }
-        first: list[float] = []
+        from protocol.errors import RpcError
+
         started = time.perf_counter()
-        reply, notes = await self._call(h["ws"], "generate", params, first_event=first)
-        e2e = (time.perf_counter() - started) * 1000
-        end = next((n["params"] for n in notes if n.get("method") == "stream_end"), None)
-        if "error" in reply:
-            usage = (end or {}).get("usage", {})
-            return TurnResult(error=f"{reply['error'].get('code')}: {reply['error'].get('message')}",
-                              finish_reason="error", e2e_ms=e2e, prompt_tokens=usage.get("prompt_tokens", 0),
-                              completion_tokens=usage.get("completion_tokens", 0))
-        result = reply["result"]
-        usage, timings = result["usage"], result["timings"]
+        gen = None
+        try:
+            gen = await h["client"].generate(
+                session_id=h["session_id"], messages=messages, tool_choice=plan.tool_choice,
+                parallel_tool_calls=plan.parallel_tool_calls, max_tokens=plan.max_tokens, temperature=0.0)
+            result = await gen.result()
+        except RpcError as exc:  # a failed turn (the server's error, or params refused locally)
+            e2e = (time.perf_counter() - started) * 1000
+            end = gen.stream_end if gen is not None else None
+            return TurnResult(error=f"{exc.code}: {exc.message}", finish_reason="error", e2e_ms=e2e,
+                              prompt_tokens=end.usage.prompt_tokens if end else 0,
+                              completion_tokens=end.usage.completion_tokens if end else 0)
+        e2e = (time.perf_counter() - started) * 1000  # measured here, over the socket
         return TurnResult(
-            text=result.get("text") or "",
-            tool_calls=result.get("tool_calls") or [],
-            finish_reason=result.get("finish_reason", ""),
-            prompt_tokens=usage["prompt_tokens"],
-            cached_tokens=usage["cached_tokens"],
-            completion_tokens=usage["completion_tokens"],
+            text=result.text,
+            tool_calls=[c.model_dump(mode="json") for c in result.tool_calls],
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.usage.prompt_tokens,
+            cached_tokens=result.usage.cached_tokens,
+            completion_tokens=result.usage.completion_tokens,
             # The server's own time to first token (it sees the engine's first token; a client
-            # sees tool calls only when complete). e2e is measured here, over the socket.
-            ttft_ms=e2e if timings.get("ttft_ms") is None else float(timings["ttft_ms"]),
+            # sees tool calls only when complete).
+            ttft_ms=e2e if result.timings.ttft_ms is None else result.timings.ttft_ms,
             e2e_ms=e2e,
         )
 
     async def close(self, h: dict[str, Any]) -> None:
+        from protocol.errors import RpcError
+
         try:
-            await self._call(h["ws"], "session.close", {"session_id": h["session_id"]})
+            with contextlib.suppress(RpcError):  # as before: a refused close does not stop the run
+                await h["client"].close_session(h["session_id"])
         finally:
-            await h["ws"].close()
+            await h["stack"].aclose()
 
 
 # --------------------------------------------------------------------------- engine
 
 
-class _Programs:
-    """The programs/ objects a driver needs, built once per tokenizer (as runtime.service does)."""
+def _params(session_id: str | None, messages: list[dict], plan: TurnPlan, **extra: Any) -> Any:
+    """The generate params a client sends for this turn, validated as the server validates them."""
+    from protocol.models import GenerateRequestParams
 
-    def __init__(self, tokenizer: Any, model_path: str | None):
-        import programs
-
-        self.p = programs
-        self.tokenizer = tokenizer
-        self.fmt = programs.format_for(tokenizer, model_path)
-        self.renderer = programs.Renderer(tokenizer, self.fmt)
-        self.end_ids = set(self.renderer.stop_token_ids)  # an output ending in one closes the turn
-
-    def tools(self, tools: list[dict]) -> list[dict]:
-        return self.p.check_tools(tools)
-
-    def program(self, tools: list[dict], plan: TurnPlan) -> Any:
-        return self.p.ToolProgram(self.fmt, tools, tool_choice=plan.tool_choice,
-                                  parallel_tool_calls=plan.parallel_tool_calls, end_of_turn=self.renderer.end_of_turn)
+    return GenerateRequestParams.model_validate({
+        "session_id": session_id, "messages": messages, "tool_choice": plan.tool_choice,
+        "parallel_tool_calls": plan.parallel_tool_calls, "max_tokens": plan.max_tokens, "temperature": 0.0, **extra,
+    })
 
 
-async def stream_turn(backend: Any, progs: _Programs, prompt: list[int], program: Any, tools: list[dict],
-                      max_tokens: int, *, started: float, make_call_id: Callable[[], str]) -> TurnResult:
-    """One generation on the backend with the program's constraint and parser, as
-    runtime.service runs a turn: same sampling, same parse, same argument validation, a call
-    cut off by max_tokens ends the turn with 'length' and no call."""
-    from runtime.backend import GenRequest, Sampling
+def _result(out: Any, *, started: float) -> TurnResult:
+    """A runtime.turn.TurnOutcome as the bench records it."""
+    e2e = (time.perf_counter() - started) * 1000
+    return TurnResult(
+        text=out.text, tool_calls=list(out.tool_calls), finish_reason=out.finish_reason,
+        prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens,
+        ttft_ms=e2e if out.ttft_ms is None else out.ttft_ms, e2e_ms=e2e,
+        prompt_ids=list(out.prompt_ids), output_ids=list(out.output_ids),
+        error=None if out.error is None else f"{out.error.code}: {out.error.message}",
+    )
 
-    limit = backend.info.context_length
-    if len(prompt) >= limit:
-        return TurnResult(error=f"context length exceeded: {len(prompt)} >= {limit}", finish_reason="error",
-                          prompt_tokens=len(prompt))
-    sampling = Sampling(max_new_tokens=min(max_tokens, limit - len(prompt)), temperature=0.0, top_p=1.0,
-                        constraint=program.constraint())
-    p = progs.p
-    parser = program.parser()
-    by_name = {t["function"]["name"]: t for t in tools}
-    res = TurnResult(prompt_tokens=len(prompt), prompt_ids=list(prompt))
-    state: dict[str, Any] = {"text": "", "first": None, "finish": None, "ids": []}
 
-    def handle(events: list[Any]) -> None:
-        for ev in events:
-            if isinstance(ev, p.TextDelta):
-                res.text += ev.text
-            elif isinstance(ev, p.ToolCallEvent):
-                tool = by_name.get(ev.name)
-                problems = ["unknown tool"] if tool is None else p.validate_arguments(tool, ev.arguments)
-                if problems:
-                    raise ValueError(f"invalid call of {ev.name!r}: {'; '.join(problems[:3])}")
-                res.tool_calls.append({"call_id": make_call_id(), "name": ev.name, "arguments": ev.arguments})
-            elif isinstance(ev, p.InvalidOutput):
-                if state["finish"] == "length":
-                    continue  # a call cut off by max_tokens
-                raise ValueError(ev.reason)
-
-    request = GenRequest(rid=f"bench-{uuid.uuid4().hex}", input_ids=prompt, sampling=sampling)
-    try:
-        async for u in backend.stream(request):
-            if state["first"] is None and (u.completion_tokens or u.output_ids):
-                state["first"] = time.perf_counter()
-            delta = u.text[len(state["text"]):] if u.text.startswith(state["text"]) else u.text
-            state["text"], state["ids"] = u.text, u.output_ids
-            res.cached_tokens, res.completion_tokens = u.cached_tokens, u.completion_tokens
-            if delta:
-                handle(parser.feed(delta))
-            if u.finish_reason is not None:
-                state["finish"] = u.finish_reason
-        handle(parser.finish())
-    except ValueError as exc:
-        res.error, res.finish_reason = f"invalid model output: {exc}", "error"
-    now = time.perf_counter()
-    res.ttft_ms = ((state["first"] or now) - started) * 1000
-    res.e2e_ms = (now - started) * 1000
-    res.output_ids = list(state["ids"])
-    if res.error is None:
-        if state["finish"] == "abort":
-            res.error, res.finish_reason = "the engine aborted the request", "error"
-        else:
-            res.finish_reason = "tool_calls" if res.tool_calls else ("length" if state["finish"] == "length" else "stop")
-    return res
+async def _quiet(kind: str, payload: dict[str, Any]) -> None:
+    return None  # the engine modes read the outcome, not the events
 
 
 class EngineDriver:
-    """Sessions held here as token ids, exactly as runtime.service holds them, on the engine."""
+    """This runtime without the socket: runtime.service.AgentRuntime's session.open and
+    generate, called as the server calls them (same validation, sessions, turn and program).
+    On an engine started with radix_cache=False it is the `no-radix` mode (session.open then
+    skips the prefix warm-up, as the server does)."""
 
-    def __init__(self, backend: Any, workload: Workload, progs: _Programs, *, warm: bool):
-        self.backend = backend
+    OWNER = "bench"
+
+    def __init__(self, runtime: Any, workload: Workload):
+        self.runtime = runtime
         self.workload = workload
-        self.progs = progs
-        self.warm = warm
-        self._tools = {g: progs.tools(a.tools) for g, a in enumerate(workload.agents)}
-        self._prefix = {g: progs.renderer.prefix_ids(a.system_prompt, self._tools[g]) for g, a in enumerate(workload.agents)}
 
     async def open(self, sp: SessionPlan) -> dict[str, Any]:
-        from runtime.backend import GenRequest, Sampling
-
-        prefix = list(self._prefix[sp.agent])
-        if self.warm:  # session.open computes the prefix once (runtime.service.AgentRuntime._warm)
-            req = GenRequest(rid=f"warm-{uuid.uuid4().hex}", input_ids=prefix, sampling=Sampling(max_new_tokens=1))
-            async for _ in self.backend.stream(req):
-                pass
-        return {"ids": prefix, "open_turn": False, "pending": {}, "calls": 0, "sid": f"sess_{sp.index:03d}",
-                "tools": self._tools[sp.agent]}
+        agent = self.workload.agents[sp.agent]
+        opened = await self.runtime.open_session(system_prompt=agent.system_prompt, tools=agent.tools, owner=self.OWNER)
+        return {"session_id": opened.session_id}
 
     async def turn(self, h: dict[str, Any], messages: list[dict], plan: TurnPlan) -> TurnResult:
+        from protocol.errors import RpcError
+
         started = time.perf_counter()
-        msgs = [dict(m, name=h["pending"][m["tool_call_id"]]) if m["role"] == "tool" else m for m in messages]
-        prompt = h["ids"] + self.progs.renderer.turn_ids(msgs, close_previous=h["open_turn"])
-        program = self.progs.program(h["tools"], plan)
-
-        def call_id() -> str:
-            h["calls"] += 1
-            return f"call_{h['sid'][:8]}_{h['calls']}"
-
-        res = await stream_turn(self.backend, self.progs, prompt, program, h["tools"], plan.max_tokens,
-                                started=started, make_call_id=call_id)
-        if res.error is None:
-            out = res.output_ids or []
-            h["ids"] = list(prompt) + list(out)
-            h["open_turn"] = not (out and out[-1] in self.progs.end_ids)
-            h["pending"] = {c["call_id"]: c["name"] for c in res.tool_calls}
-        return res
+        try:
+            out = await self.runtime.generate(_params(h["session_id"], messages, plan), owner=self.OWNER, emit=_quiet,
+                                              cancelled=asyncio.Event())
+        except RpcError as exc:  # refused before the engine saw it
+            return TurnResult(error=f"{exc.code}: {exc.message}", finish_reason="error",
+                              e2e_ms=(time.perf_counter() - started) * 1000)
+        return _result(out, started=started)
 
     async def close(self, h: dict[str, Any]) -> None:
-        return None
+        self.runtime.close_session(h["session_id"], owner=self.OWNER)
 
 
 class RerenderDriver:
-    """A stateless client: the whole history rendered to text and tokenized anew every turn."""
+    """A stateless client: the whole history rendered to text and tokenized anew every turn,
+    then run as one turn of the runtime (runtime.turn) on the radix-cache engine."""
 
-    def __init__(self, backend: Any, workload: Workload, progs: _Programs):
-        self.backend = backend
+    def __init__(self, runtime: Any, workload: Workload):
+        self.runtime = runtime
         self.workload = workload
-        self.progs = progs
-        self._tools = {g: progs.tools(a.tools) for g, a in enumerate(workload.agents)}
+        self._tools = {g: runtime.check_tools(a.tools) for g, a in enumerate(workload.agents)}
 
     async def open(self, sp: SessionPlan) -> dict[str, Any]:
         agent = self.workload.agents[sp.agent]
         return {"system": agent.system_prompt, "tools": self._tools[sp.agent], "history": [], "calls": 0}
 
     async def turn(self, h: dict[str, Any], messages: list[dict], plan: TurnPlan) -> TurnResult:
+        from runtime.backends import GenRequest
+        from runtime.turn import run_token_turn
+
         started = time.perf_counter()
+        rt = self.runtime
         history = h["history"] + [dict(m) for m in messages]
         # What an OpenAI-style server does with `messages`: render the conversation, tokenize it.
-        text = "".join(self.progs.renderer.segments(h["system"], h["tools"], history))
-        prompt = list(self.progs.tokenizer.encode(text, add_special_tokens=False))
-        program = self.progs.program(h["tools"], plan)
+        text = "".join(rt.renderer.segments(h["system"], h["tools"], history))
+        prompt = list(rt.renderer.tokenizer.encode(text, add_special_tokens=False))
+        params = _params(None, history, plan, tools=h["tools"])
+        program = rt.program(h["tools"], params)
 
         def call_id() -> str:
             h["calls"] += 1
             return f"call_{h['calls']}"
 
-        res = await stream_turn(self.backend, self.progs, prompt, program, h["tools"], plan.max_tokens,
-                                started=started, make_call_id=call_id)
+        request = GenRequest(rid=f"bench-{uuid.uuid4().hex}", input_ids=prompt, sampling=rt.sampling(params, program, len(prompt)))
+        out = await run_token_turn(rt.backend, request, program, emit=_quiet, cancelled=asyncio.Event(),
+                                   new_call_id=call_id, started=started)
+        res = _result(out, started=started)
         if res.error is None:
             assistant: dict[str, Any] = {"role": "assistant", "content": res.text or None}
             if res.tool_calls:
@@ -366,26 +291,27 @@ class RerenderDriver:
         return None
 
 
-async def warm_grammars(backend: Any, workload: Workload, progs: _Programs) -> None:
+async def warm_grammars(runtime: Any, workload: Workload) -> None:
     """Compile every constraint the workload uses once, outside the measured runs, so no mode
     pays xgrammar's compilation (SGLang caches compiled grammars by constraint string)."""
-    from runtime.backend import GenRequest, Sampling
+    from runtime.backends import GenRequest, Sampling
 
     seen: set[str] = set()
     reqs = []
+    hello = [{"role": "user", "content": "hi"}]
     for sp in workload.sessions:
-        tools = progs.tools(workload.agents[sp.agent].tools)
+        tools = runtime.check_tools(workload.agents[sp.agent].tools)
         for plan in sp.turns:
-            c = progs.program(tools, plan).constraint()
+            c = runtime.program(tools, _params(None, hello, plan, tools=tools)).constraint()
             key = f"{sp.agent}:{c.value if c else None}"
             if key in seen or c is None:
                 continue
             seen.add(key)
-            reqs.append(GenRequest(rid=f"gwarm-{uuid.uuid4().hex}", input_ids=progs.renderer.turn_ids(
-                [{"role": "user", "content": "hi"}], close_previous=False), sampling=Sampling(max_new_tokens=1, constraint=c)))
+            reqs.append(GenRequest(rid=f"gwarm-{uuid.uuid4().hex}", input_ids=runtime.renderer.turn_ids(
+                hello, close_previous=False), sampling=Sampling(max_new_tokens=1, constraint=c)))
 
     async def one(r: Any) -> None:
-        async for _ in backend.stream(r):
+        async for _ in runtime.backend.stream(r):
             pass
 
     await asyncio.gather(*(one(r) for r in reqs))
@@ -394,16 +320,9 @@ async def warm_grammars(backend: Any, workload: Workload, progs: _Programs) -> N
 async def flush_cache(backend: Any) -> bool:
     """Empty the engine's radix cache so the next mode starts cold.
 
-    Uses backend.flush_cache() when the backend has one; else SGLang's tokenizer manager.
     SGLang refuses to flush while requests run, so this retries briefly."""
-    fn = getattr(backend, "flush_cache", None)
     for _ in range(50):
-        if fn is not None:
-            ok = await fn()
-        else:
-            out = await backend._engine.tokenizer_manager.flush_cache()
-            ok = bool(getattr(out, "success", out))
-        if ok:
+        if await backend.flush_cache():
             return True
         await asyncio.sleep(0.2)
     return False

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.metrics import MemorySampler, TurnRecord, add_ratios, aggregate, fill_theoretical
 from bench.workload import Workload, WorkloadSpec, build_workload
@@ -36,7 +38,8 @@ MODE_DOCS = {
     "engine": "the embedded engine driven directly with the token ids the server builds (same constraint, same parse): the protocol layer removed",
     "rerender": "stateless naive client: whole history rendered to text and tokenized again every turn, radix cache on",
     "no-radix": "the engine mode on an engine started with the radix cache disabled",
-    "hf": "transformers generate in-process, bf16, one request at a time, no prefix reuse; replays the reference token ids with the same output token counts",
+    "hf": ("transformers generate in-process, bf16, one request at a time, no prefix reuse; replays the reference "
+           "token ids with the same output token counts"),
 }
 
 
@@ -97,7 +100,7 @@ async def serving(cfg: Any, backend: Any):
     app = build_app(cfg, backend=backend)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            ws_max_size=cfg.max_frame_bytes, lifespan="on"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # signals stay the host's
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # signals stay the host's
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -112,7 +115,7 @@ async def serving(cfg: Any, backend: Any):
         await asyncio.wait_for(task, timeout=30)
 
 
-def server_prompt_ids(records: list[TurnRecord], workload: Workload, progs: Any, prefixes: dict[int, list[int]]) -> None:
+def server_prompt_ids(records: list[TurnRecord], workload: Workload, renderer: Any, prefixes: dict[int, list[int]]) -> None:
     """The server keeps its sessions' token ids to itself; rebuild what the theoretical needs.
 
     Turn 1's prompt is rendered exactly as the server renders it (prefix + the first user
@@ -129,7 +132,7 @@ def server_prompt_ids(records: list[TurnRecord], workload: Workload, progs: Any,
         held: list[int] | None = None  # the session's ids after its last successful turn
         for r in sorted(rs, key=lambda r: r.turn):
             if held is None:
-                first = prefixes[sp.agent] + progs.renderer.turn_ids(
+                first = prefixes[sp.agent] + renderer.turn_ids(
                     [{"role": "user", "content": sp.user_messages[0]}], close_previous=False)
                 prompt = first[: r.prompt_tokens] + [next(fresh) for _ in range(max(0, r.prompt_tokens - len(first)))]
             else:
@@ -272,7 +275,7 @@ async def run_benchmark(
     try:
         need_radix = any(m in RADIX_MODES for m in modes)
         if need_radix and own:
-            from runtime.engine import EmbeddedBackend
+            from runtime.backends.embedded import EmbeddedBackend
 
             progress.note("starting the radix-cache engine ...")
             backend = EmbeddedBackend(cfg.replace(radix_cache=True))
@@ -282,38 +285,44 @@ async def run_benchmark(
         if need_radix and not backend.info.radix_cache:
             raise BenchError("the backend passed in has the radix cache disabled; server/engine/rerender need it on")
 
-        from bench.modes import EngineDriver, RerenderDriver, ServerDriver, _Programs, flush_cache, run_sessions, warm_grammars
+        import programs
+        from bench.modes import EngineDriver, RerenderDriver, ServerDriver, flush_cache, run_sessions, warm_grammars
+        from runtime.service import AgentRuntime
 
+        runtime = None
         if backend is not None:
             backend_info = backend.info
-            model_path = backend.model_path or backend_info.extra.get("model_path")
-            tok = backend.tokenizer
+            model_path = backend_info.extra.get("model_path")
+            runtime = AgentRuntime(cfg, backend)
+            renderer = runtime.renderer
         else:
             model_path = str(resolve_model(cfg.model_id, cache_dir=cfg.cache_dir))
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(model_path)
-        progs = _Programs(tok, model_path)
-        count = lambda s: len(tok.encode(s, add_special_tokens=False))  # noqa: E731
+            renderer = programs.Renderer(tok, programs.format_for(tok, model_path))
+        check_tools = AgentRuntime.check_tools
+        count = lambda s: len(renderer.tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
         workload = build_workload(spec, count_tokens=count,
-                                  prefix_len=lambda system, tools: len(progs.renderer.prefix_ids(system, progs.tools(tools))))
+                                  prefix_len=lambda system, tools: len(renderer.prefix_ids(system, check_tools(tools))))
         for g, a in enumerate(workload.agents):
-            prefixes[g] = progs.renderer.prefix_ids(a.system_prompt, progs.tools(a.tools))
+            prefixes[g] = renderer.prefix_ids(a.system_prompt, check_tools(a.tools))
 
-        if need_radix:
+        if runtime is not None and need_radix:
             progress.note("compiling the workload's constraints ...")
-            await warm_grammars(backend, workload, progs)
+            await warm_grammars(runtime, workload)
         for mode in [m for m in modes if m in RADIX_MODES]:
             progress.mode(mode)
             async with contextlib.AsyncExitStack() as stack:
+                make: Callable[[Workload], Any]
                 if mode == "server":
                     url = await stack.enter_async_context(serving(cfg, backend))
                     headers = {"Authorization": f"Bearer {cfg.api_key.split(',')[0].strip()}"} if cfg.api_key else {}
-                    make = lambda w: ServerDriver(url, w, headers=headers)  # noqa: E731
+                    make = functools.partial(ServerDriver, url, headers=headers)
                 elif mode == "engine":
-                    make = lambda w: EngineDriver(backend, w, progs, warm=True)  # noqa: E731
+                    make = lambda w: EngineDriver(runtime, w)  # noqa: E731
                 else:
-                    make = lambda w: RerenderDriver(backend, w, progs)  # noqa: E731
+                    make = lambda w: RerenderDriver(runtime, w)  # noqa: E731
                 # One unmeasured turn first, then a cold cache for the measured run.
                 warmup = workload.warmup()
                 await run_sessions(warmup, make(warmup), concurrency=1)
@@ -327,7 +336,7 @@ async def run_benchmark(
                 # scheduler's: on a 2-core host it is taken from the engine.
                 host_cpu = time.process_time() - cpu0
             if mode == "server":
-                server_prompt_ids(recs, workload, progs, prefixes)
+                server_prompt_ids(recs, workload, renderer, prefixes)
             fill_theoretical(recs, prefixes)
             records[mode] = recs
             results[mode] = aggregate(recs, wall_s=wall, peak_rss_bytes=mem.peak, extra={"host_cpu_s": round(host_cpu, 2)})
@@ -340,7 +349,7 @@ async def run_benchmark(
         if "no-radix" in modes:
             progress.mode("no-radix")
             progress.note("no-radix: starting an engine with the radix cache disabled ...")
-            job = {"mode": "no-radix", "cfg": _cfg_dict(cfg), "workload": workload.to_dict()}
+            job: dict[str, Any] = {"mode": "no-radix", "cfg": _cfg_dict(cfg), "workload": workload.to_dict()}
             data, peak = await run_worker(job, progress)
             recs = []
             for d in data["records"]:

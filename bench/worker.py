@@ -44,9 +44,10 @@ def _dump(records: list[Any], *, ids: bool) -> list[dict[str, Any]]:
 
 
 async def run_no_radix(job: dict[str, Any]) -> dict[str, Any]:
-    from bench.modes import EngineDriver, _Programs, run_sessions, warm_grammars
+    from bench.modes import EngineDriver, run_sessions, warm_grammars
     from bench.workload import Workload
-    from runtime.engine import EmbeddedBackend
+    from runtime.backends.embedded import EmbeddedBackend
+    from runtime.service import AgentRuntime
 
     cfg = _config(job["cfg"]).replace(radix_cache=False)
     backend = EmbeddedBackend(cfg)
@@ -55,14 +56,15 @@ async def run_no_radix(job: dict[str, Any]) -> dict[str, Any]:
     start_s = time.perf_counter() - t0
     try:
         tok = backend.tokenizer
-        progs = _Programs(tok, backend.model_path)
+        runtime = AgentRuntime(cfg, backend)
         workload = Workload.from_dict(job["workload"], lambda s: len(tok.encode(s, add_special_tokens=False)))
-        await warm_grammars(backend, workload, progs)
-        # No session warm-up: without a prefix cache it would only compute the prefix twice.
+        await warm_grammars(runtime, workload)
+        # session.open skips its prefix warm-up here: without a prefix cache it would only
+        # compute the prefix twice.
         warmup = workload.warmup()
-        await run_sessions(warmup, EngineDriver(backend, warmup, progs, warm=False), concurrency=1)
+        await run_sessions(warmup, EngineDriver(runtime, warmup), concurrency=1)
         print(f"{PROGRESS}-start", flush=True)
-        records, wall = await run_sessions(workload, EngineDriver(backend, workload, progs, warm=False),
+        records, wall = await run_sessions(workload, EngineDriver(runtime, workload),
                                            concurrency=workload.spec.concurrency, on_turn=_progress)
         return {"records": _dump(records, ids=True), "wall_s": wall, "engine_start_s": start_s}
     finally:
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> int:
     with open(argv[0]) as f:
         job = json.load(f)
     if job["mode"] == "no-radix":
-        from runtime.sglang_env import prepare
+        from runtime.sglang_adapter import prepare
 
         prepare(job["cfg"]["device"])  # before anything imports sglang
         result = asyncio.run(run_no_radix(job))

@@ -20,8 +20,9 @@ import dataclasses
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from bench.tools_pool import TOOL_POOL
 
@@ -118,7 +119,7 @@ class Workload:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], count_tokens: Callable[[str], int]) -> "Workload":
+    def from_dict(cls, data: dict[str, Any], count_tokens: Callable[[str], int]) -> Workload:
         spec = WorkloadSpec(**data["spec"])
         agents = [Agent(**a) for a in data["agents"]]
         sessions = [
@@ -130,7 +131,7 @@ class Workload:
         w._count = count_tokens
         return w
 
-    def warmup(self) -> "Workload":
+    def warmup(self) -> Workload:
         """One session of one turn (session 0's first, at most 8 tokens): run through a mode before it is
         measured, so one-time costs (imports, first batches, compiled grammars) are not."""
         first = self.sessions[0]

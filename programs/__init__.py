@@ -7,20 +7,21 @@ One module per stage:
     program  ToolProgram: the whole-turn constraint (xgrammar structural tag)
     parse    StreamParser: text / reasoning / tool-call events (SGLang's parsers)
 
-Nothing here imports sglang at module load: the parser imports it lazily, after
-runtime.sglang_env.prepare().
+Nothing here imports sglang at module load, and nothing imports the runtime: the parser imports
+SGLang's parsers on first use (a process that runs SGLang's engine prepares its environment
+first: runtime.sglang_adapter.prepare).
 """
 
 from programs.formats import FORMATS, ToolFormat, format_for
 from programs.parse import Event, InvalidOutput, ReasoningDelta, StreamParser, TextDelta, ToolCallEvent
-from programs.program import ToolProgram, normalize_tool_choice
+from programs.program import Constraint, ToolProgram, normalize_tool_choice
 from programs.render import Renderer, RenderError
 from programs.schema import ToolSchemaError, canonical_tools, check_tools, validate_arguments
 
 __all__ = [
     "FORMATS", "ToolFormat", "format_for",
     "Event", "InvalidOutput", "ReasoningDelta", "StreamParser", "TextDelta", "ToolCallEvent",
-    "ToolProgram", "normalize_tool_choice",
+    "Constraint", "ToolProgram", "normalize_tool_choice",
     "Renderer", "RenderError",
     "ToolSchemaError", "canonical_tools", "check_tools", "validate_arguments",
 ]

@@ -22,12 +22,10 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from programs.program import ToolProgram
 from programs.schema import validate_arguments
-
-if TYPE_CHECKING:
-    from programs.program import ToolProgram
 
 __all__ = ["TextDelta", "ReasoningDelta", "ToolCallEvent", "InvalidOutput", "Event", "StreamParser"]
 
@@ -75,9 +73,6 @@ _COMMON_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>")
 
 
 def _sglang_tools(tools: list[dict]) -> list[Any]:
-    from runtime.sglang_env import prepare
-
-    prepare()
     from sglang.srt.entrypoints.openai.protocol import Function, Tool
 
     return [
@@ -96,7 +91,11 @@ class _Call:
 
 
 class StreamParser:
-    def __init__(self, program: "ToolProgram"):
+    """The parser of one turn's output. SGLang's parsers are imported on first use: a process
+    that also runs SGLang's engine prepares SGLang's environment before that
+    (runtime.sglang_adapter.prepare), as the runtime, the bench and the tests do at start."""
+
+    def __init__(self, program: ToolProgram):
         self.program = program
         fmt = program.fmt
         eot = program.end_of_turn or fmt.end_of_turn
@@ -113,10 +112,6 @@ class StreamParser:
         self._marker_hold = ""
         markers = sorted(fmt.atomic_markers, key=len, reverse=True)
         self._markers = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None
-        if fmt.reasoning_parser or (program.calls_possible and fmt.detector):
-            from runtime.sglang_env import prepare
-
-            prepare()  # before any sglang import: the CPU flag and sgl_kernel are decided there
         if fmt.reasoning_parser:
             from sglang.srt.parser.reasoning_parser import ReasoningParser
 

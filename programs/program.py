@@ -27,13 +27,25 @@ forces a call.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from programs.formats import ToolFormat
 from programs.schema import canonical_tools
 
-__all__ = ["ToolProgram", "normalize_tool_choice"]
+__all__ = ["Constraint", "ToolProgram", "normalize_tool_choice"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A decoding constraint in SGLang's vocabulary.
+
+    kind: 'json_schema' | 'ebnf' | 'regex' | 'structural_tag'; value: the string SGLang takes.
+    """
+
+    kind: str
+    value: str
 
 
 def normalize_tool_choice(tool_choice: Any, tool_names: list[str]) -> tuple[str, str | None]:
@@ -105,6 +117,7 @@ class ToolProgram:
             "at_least_one": True,
             "stop_after_first": self.max_calls == 1 or self.mode == "named",
         }
+        turn: dict[str, Any]
         if self.mode == "auto":
             text = {"type": "any_text", "excludes": [fmt.call_trigger]}
             if fmt.text_before_calls:
@@ -115,21 +128,14 @@ class ToolProgram:
             turn = calls
         return {"type": "structural_tag", "format": turn}
 
-    def constraint(self):
-        """runtime.backend.Constraint for Sampling.constraint, or None when unconstrained."""
+    def constraint(self) -> Constraint | None:
+        """The turn's decoding constraint, or None when unconstrained."""
         if self._constraint_cache is ...:
-            from runtime.backend import Constraint
-
             tag = self.structural_tag()
             self._constraint_cache = (
                 None if tag is None else Constraint("structural_tag", json.dumps(tag, ensure_ascii=False))
             )
         return self._constraint_cache
-
-    def parser(self):
-        from programs.parse import StreamParser
-
-        return StreamParser(self)
 
     def _tag(self, tool: dict) -> dict:
         fn = tool["function"]

@@ -162,7 +162,7 @@ class Renderer:
     def _stand_in_context(self, messages: list[dict]) -> list[dict]:
         """system, user, assistant stand-ins; the assistant carries the calls that leading tool
         messages answer, so templates that check the pairing render them as in a real history."""
-        calls = []
+        calls: list[dict[str, Any]] = []
         for m in messages:
             if m.get("role") != "tool":
                 break

@@ -45,8 +45,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 
@@ -285,7 +286,8 @@ def _check_subschema(name: str, sub: dict, pointer: str) -> None:
             refuse(kw, f"keyword {kw!r} needs an explicit `type` ({'/'.join(sorted(applies_to))}) to be enforced")
     required = sub.get("required")
     if isinstance(required, list):
-        declared = sub.get("properties") if isinstance(sub.get("properties"), dict) else {}
+        props = sub.get("properties")
+        declared: dict[str, Any] = props if isinstance(props, dict) else {}
         missing = [r for r in required if r not in declared]
         if missing:
             refuse("required", f"required property {missing[0]!r} is not declared in `properties` of the same "

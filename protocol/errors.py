@@ -61,7 +61,8 @@ ERROR_CODES: tuple[ErrorCode, ...] = (
     ErrorCode(-32001, "SessionNotFound", "Session not found", "client",
               "The session does not exist, expired, was closed, or belongs to another API key.", ("session_id",)),
     ErrorCode(-32002, "ContextLengthExceeded", "Context length exceeded", "client",
-              "The prompt (plus max_tokens room) does not fit the model's context.", ("prompt_tokens", "limit")),
+              "The prompt leaves no room in the model's context (prompt_tokens >= limit); a prompt "
+              "that fits gets at most the tokens left and then ends with finish_reason 'length'.", ("prompt_tokens", "limit")),
     ErrorCode(-32003, "UnsupportedToolSchema", "Unsupported tool schema", "client",
               "A tool's `parameters` uses a JSON Schema keyword the constrained decoder cannot enforce.",
               ("tool", "keyword")),

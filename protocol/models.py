@@ -12,6 +12,7 @@ Contracts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -30,7 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from .errors import InvalidParams, RpcError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Literal[1] = 1
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 MAX_STOP_SEQUENCES = 16
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -174,8 +175,9 @@ ToolChoice = Annotated[
 ]
 
 
-def check_tool_choice(tool_choice: str | ToolChoiceFunction, tools: list[Tool] | None) -> None:
-    """Raise InvalidParams (field `tool_choice`) unless `tool_choice` can be met with `tools`.
+def check_tool_choice(tool_choice: str | ToolChoiceFunction, tools: Sequence[Tool | str] | None) -> None:
+    """Raise InvalidParams (field `tool_choice`) unless `tool_choice` can be met with `tools`
+    (Tool models or tool names).
 
     GenerateRequestParams runs this for stateless requests; with a session the runtime must call
     it with the session's tools, which the request does not carry.
@@ -186,8 +188,8 @@ def check_tool_choice(tool_choice: str | ToolChoiceFunction, tools: list[Tool] |
                             {"errors": [{"field": "tool_choice", "message": message}]})
 
 
-def _tool_choice_problem(tool_choice: str | ToolChoiceFunction, tools: list[Tool] | None) -> str | None:
-    names = [t.function.name for t in tools or ()]
+def _tool_choice_problem(tool_choice: str | ToolChoiceFunction, tools: Sequence[Tool | str] | None) -> str | None:
+    names = [t if isinstance(t, str) else t.function.name for t in tools or ()]
     if tool_choice == "required" and not names:
         return '"required" needs at least one tool'
     if isinstance(tool_choice, ToolChoiceFunction) and tool_choice.function.name not in names:

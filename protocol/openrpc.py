@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -20,6 +20,7 @@ from .models import PROTOCOL_VERSION
 
 OPENRPC_VERSION = "1.2.6"
 _REF = "#/components/schemas/{model}"
+Mode = Literal["validation", "serialization"]
 
 
 def _params(model: type[BaseModel], schema: dict[str, Any]) -> list[dict[str, Any]]:
@@ -38,13 +39,13 @@ def _params(model: type[BaseModel], schema: dict[str, Any]) -> list[dict[str, An
 @lru_cache(maxsize=1)
 def _document() -> dict[str, Any]:
     # One schema pass over every model, so shared types (Tool, ToolCall, Usage...) are defined once.
-    inputs = [(spec.params, "validation") for spec in METHODS.values()]
-    outputs = [(spec.result, "serialization") for spec in METHODS.values()]
+    inputs: list[tuple[type[BaseModel], Mode]] = [(spec.params, "validation") for spec in METHODS.values()]
+    outputs: list[tuple[type[BaseModel], Mode]] = [(spec.result, "serialization") for spec in METHODS.values()]
     outputs += [(model, "serialization") for model, _ in NOTIFICATIONS.values()]
     keyed, top = models_json_schema(inputs + outputs, ref_template=_REF)
     schemas: dict[str, Any] = top.get("$defs", {})
 
-    def inline(model: type[BaseModel], mode: str) -> dict[str, Any]:
+    def inline(model: type[BaseModel], mode: Mode) -> dict[str, Any]:
         schema = keyed[(model, mode)]
         if "$ref" in schema:  # params are listed field by field, so resolve the model itself
             schema = schemas[schema["$ref"].rsplit("/", 1)[-1]]

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -78,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(cfg) -> int:
     # Prepare SGLang's environment before uvicorn creates the event loop: importing sglang
-    # switches the asyncio policy to uvloop, which must happen before a loop exists.
-    if cfg.backend == "embedded":
-        from runtime.sglang_env import prepare
+    # switches the asyncio policy to uvloop, which must happen before a loop exists. Every
+    # backend but a chat one parses model output here with SGLang's parsers.
+    if cfg.backend != "openai":
+        from runtime.sglang_adapter import prepare
 
-        prepare(cfg.device)
+        prepare(cfg.device if cfg.backend == "embedded" else None)
+    if cfg.backend == "embedded":
         import sglang  # noqa: F401
 
     import uvicorn
@@ -116,14 +117,15 @@ def serve(cfg) -> int:
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Not super(): uvicorn re-raises captured signals after serving, and a re-raised
             # SIGTERM would end the process with 143 instead of a clean exit 0.
-            if self.draining or self.loop is None:
+            loop = self.loop
+            if self.draining or loop is None:
                 self.should_exit = True
                 if self.draining:
                     self.force_exit = True
                 return
             self.draining = True
             logging.getLogger("runtime").info("signal %s: draining (grace %.0f s)", sig, cfg.shutdown_grace_s)
-            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain_then_exit()))
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
 
         async def _drain_then_exit(self) -> None:
             try:

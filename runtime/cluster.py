@@ -8,7 +8,7 @@ router (INFERENCE_BACKEND=sglang), all on loopback.
 
 Every FLAG that `python -m runtime serve` takes is accepted: the model and engine settings
 (--model-id, --kv-cache-tokens, --device, --tp-size, ...) configure the workers exactly as they
-would configure the embedded engine (runtime.engine.engine_kwargs), and all of them configure
+would configure the embedded engine (runtime.backends.embedded.engine_kwargs), and all of them configure
 the runtime in front. Each child runs in its own process group; SIGINT/SIGTERM, or any child
 exiting, stops all of them (SIGTERM to each group, then SIGKILL after a grace period), and every
 child also gets SIGTERM if this process dies (PR_SET_PDEATHSIG), so nothing is left behind.
@@ -29,9 +29,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any
 
 from runtime.config import SETTINGS, Config, ConfigError, load_config
 
@@ -55,7 +56,7 @@ def free_port() -> int:
 
 def worker_flags(cfg: Config, model_path: str) -> list[str]:
     """`sglang.launch_server` flags for the engine settings of `cfg` (same as the embedded engine)."""
-    from runtime.engine import engine_kwargs
+    from runtime.backends.embedded import engine_kwargs
 
     flags: list[str] = []
     for key, value in engine_kwargs(cfg, model_path).items():
@@ -183,7 +184,7 @@ class Cluster:
         return children
 
     def _env(self) -> dict[str, str]:
-        from runtime.sglang_env import prepare
+        from runtime.sglang_adapter import prepare
 
         prepare(self.cfg.device)  # SGLANG_USE_CPU_ENGINE and the sgl_kernel stand-in, for the children
         env = dict(os.environ)
@@ -196,7 +197,7 @@ class Cluster:
         return env
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, *, timeout_s: float = 900.0) -> "Cluster":
+    def start(self, *, timeout_s: float = 900.0) -> Cluster:
         from runtime.model_store import resolve_model
 
         model_path = str(resolve_model(self.cfg.model_id, cache_dir=self.cfg.cache_dir))
@@ -281,30 +282,30 @@ class Cluster:
         """SIGTERM the runtime's process group and let it drain; then the router's and the
         workers' groups together; SIGKILL whatever is left after the grace period."""
         self._stopping.set()
-        front = [c for c in self.children if c.name == "runtime" and c.proc is not None]
-        back = [c for c in self.children if c.name != "runtime" and c.proc is not None]
+        front = [(c.name, c.proc) for c in self.children if c.name == "runtime" and c.proc is not None]
+        back = [(c.name, c.proc) for c in self.children if c.name != "runtime" and c.proc is not None]
         for batch, grace in ((front, self.cfg.shutdown_grace_s + 10), (back, 15.0)):
-            for child in batch:
-                _signal_group(child.proc.pid, signal.SIGTERM)
+            for _, proc in batch:
+                _signal_group(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + grace
-            for child in batch:
+            for name, proc in batch:
                 try:
-                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    self.progress(f"{child.name} did not stop in time; killing it")
-            for child in batch:
-                _signal_group(child.proc.pid, signal.SIGKILL)  # its helpers (scheduler, detokenizer) too
-                with_timeout(child.proc.wait, 10)
+                    self.progress(f"{name} did not stop in time; killing it")
+            for _, proc in batch:
+                _signal_group(proc.pid, signal.SIGKILL)  # its helpers (scheduler, detokenizer) too
+                with_timeout(proc.wait, 10)
         deadline = time.monotonic() + 10
-        for child in front + back:
-            if not _group_gone(child.proc.pid, timeout=max(0.0, deadline - time.monotonic())):
-                self.progress(f"{child.name}: processes of group {child.proc.pid} are still there")
+        for name, proc in front + back:
+            if not _group_gone(proc.pid, timeout=max(0.0, deadline - time.monotonic())):
+                self.progress(f"{name}: processes of group {proc.pid} are still there")
 
     def alive_groups(self) -> list[int]:
         """Process groups of this cluster that still have a process (zombies count)."""
         return [c.proc.pid for c in self.children if c.proc is not None and not _group_gone(c.proc.pid, timeout=0)]
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -365,7 +366,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.__main__ import _parser as serve_parser, setup_logging
+    from runtime.__main__ import _parser as serve_parser
+    from runtime.__main__ import setup_logging
 
     args, rest = _parser().parse_known_args(argv)
     serve_args = serve_parser().parse_args(["serve", *rest])

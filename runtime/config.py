@@ -13,9 +13,10 @@ import dataclasses
 import difflib
 import ipaddress
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 PREFIX = "INFERENCE_"
 
@@ -150,7 +151,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cuda_graph", _bool, "true", "Capture CUDA graphs for decode on cuda (ignored on cpu, where SGLang's CPU graph needs Intel AMX)."),
     Setting("tp_size", _int(minimum=1, maximum=64), "1", "Tensor-parallel GPUs for the embedded engine (cuda only)."),
     Setting("dp_size", _int(minimum=1, maximum=64), "1", "Data-parallel engine replicas inside the embedded engine (cuda only)."),
-    Setting("backend", _choice("embedded", "sglang", "openai"), "embedded", "Generation backend: the embedded SGLang Engine, remote SGLang servers / sglang-router (native /generate), or an OpenAI-compatible server.", "backend"),
+    Setting("backend", _choice("embedded", "sglang", "openai", "fake"), "embedded", "Generation backend: the embedded SGLang Engine, remote SGLang servers / sglang-router (native /generate), an OpenAI-compatible server, or the scripted fake backend (tests and demos; no model).", "backend"),
     Setting("backend_urls", _urls, "", "Comma-separated base URLs of the remote backend (sglang: workers or one router; openai: one server, e.g. http://127.0.0.1:30000).", "backend"),
     Setting("backend_model", _str, "", "Model name to send to an OpenAI-compatible backend. Empty: the first model its /v1/models lists.", "backend"),
     # server
@@ -221,7 +222,7 @@ class Config:
     send_queue_frames: int
     shutdown_grace_s: float
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -247,7 +248,7 @@ def read_dotenv(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def _unknown(name: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(name, _BY_ENV, n=1)
-    hint = f"; did you mean {close[0]}?" if close else f"; known variables: see .env.example"
+    hint = f"; did you mean {close[0]}?" if close else "; known variables: see .env.example"
     return ConfigError(f"unknown setting {name} (from {source}){hint}")
 
 
@@ -266,8 +267,8 @@ def load_config(
     layers.append(("environment", environ))
 
     raw: dict[str, tuple[str, str]] = {}  # field -> (value, where it came from)
-    for source, values in layers:
-        for name, value in values.items():
+    for source, layer in layers:
+        for name, value in layer.items():
             if not name.startswith(PREFIX):
                 continue
             setting = _BY_ENV.get(name)
@@ -320,7 +321,7 @@ def _check_combinations(cfg: Config) -> None:
             "anyone who can reach the port could use the model. Set INFERENCE_API_KEY, or "
             "INFERENCE_ALLOW_INSECURE_BIND=true to accept that."
         )
-    if cfg.backend != "embedded" and not cfg.backend_urls:
+    if cfg.backend in ("sglang", "openai") and not cfg.backend_urls:
         raise ConfigError(f"INFERENCE_BACKEND={cfg.backend!r} needs INFERENCE_BACKEND_URLS (comma-separated http(s):// URLs)")
     if cfg.backend == "openai" and len(cfg.backend_urls) != 1:
         raise ConfigError("INFERENCE_BACKEND=openai takes exactly one URL in INFERENCE_BACKEND_URLS")

@@ -22,7 +22,8 @@ class Metrics:
         self.sessions_open = Gauge("agent_runtime_sessions_open", "Agent sessions open", registry=r)
         self.generates_inflight = Gauge("agent_runtime_generates_inflight", "generate requests in flight", registry=r)
         self.ttft = Histogram("agent_runtime_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token = Histogram("agent_runtime_inter_token_seconds", "Mean time between output tokens of a turn", buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("agent_runtime_inter_token_seconds", "Mean time between output tokens of a turn",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("agent_runtime_e2e_seconds", "generate, first byte in to stream_end", buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("agent_runtime_prompt_tokens", "Prompt tokens of finished turns", registry=r)
         self.cached_tokens = Counter("agent_runtime_cached_tokens", "Prompt tokens served from the prefix cache", registry=r)

@@ -1,7 +1,9 @@
-"""Shared fixtures: one real SGLang engine per test session, and the server on a real socket.
+"""Shared fixtures: one real SGLang engine per test session, the scripted fake backend, and the
+server on a real socket over either.
 
 The engine (default model, CPU here) takes about 30 s to start on 2 cores, so every test that
-needs it shares the session-scoped `backend`. All async tests run on one session-wide event
+needs it shares the session-scoped `backend` and carries the `engine` marker
+(`./launch.sh test -m "not engine"` runs the rest, on `fake_server`, in seconds). All async tests run on one session-wide event
 loop (pyproject: asyncio_default_*_loop_scope = "session"), the loop SGLang's tokenizer
 manager binds to.
 """
@@ -10,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 
 import pytest
 import pytest_asyncio
 
 # Before anything imports sglang (and before a loop exists: sglang switches the policy to uvloop).
-from runtime.sglang_env import prepare
+from runtime.sglang_adapter import prepare
 
 prepare(os.environ.get("INFERENCE_DEVICE") or None)
 
@@ -43,12 +44,47 @@ def cfg():
 
 @pytest_asyncio.fixture(scope="session")
 async def backend(cfg):
-    from runtime.engine import EmbeddedBackend
+    from runtime.backends.embedded import EmbeddedBackend
 
     b = EmbeddedBackend(cfg)
     await b.start()
     yield b
     await b.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def fake_backend():
+    """The scripted fake backend (runtime.backends.fake), started once; see `fake`."""
+    from runtime.backends.fake import FakeBackend
+
+    b = FakeBackend()
+    await b.start()
+    yield b
+    await b.stop()
+
+
+@pytest.fixture
+def fake(fake_backend):
+    """The shared fake backend, reset to its defaults for this test (replies, speed, liveness)."""
+    from runtime.backends.fake import DEFAULT_REPLY
+
+    def reset():
+        fake_backend.replies.clear()
+        fake_backend.reply = lambda _request, _prompt: DEFAULT_REPLY
+        fake_backend.token_delay_s = 0.0
+        fake_backend._alive = True
+
+    reset()
+    yield fake_backend
+    reset()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def fake_server(cfg, fake_backend):
+    """This runtime's server on a real loopback socket, on the fake backend: for protocol and
+    socket tests that do not need a model (milliseconds instead of an engine start)."""
+    async with running_server(cfg, fake_backend) as (addr, app):
+        yield addr, app
 
 
 @contextlib.asynccontextmanager
@@ -82,42 +118,22 @@ async def server(cfg, backend):
         yield addr, app
 
 
-class RpcClient:
-    """A small JSON-RPC client over a real WebSocket (the `websockets` library)."""
+from protocol.client import Client  # noqa: E402
 
-    def __init__(self, ws):
-        self.ws = ws
-        self.next_id = 0
 
-    async def send(self, obj) -> None:
-        await self.ws.send(json.dumps(obj))
+class RpcClient(Client):
+    """protocol.client.Client with the short raw names the tests use: `send(obj)`, `recv(timeout)`,
+    `call(method, params, id=, timeout=)` -> (response, frames before it), and `ws`."""
 
-    async def recv(self, timeout: float = 120):
-        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
-
-    async def call(self, method: str, params=None, *, id=None, timeout: float = 120):
-        """Send a request; return (response, notifications received before it, in order)."""
-        if id is None:
-            self.next_id += 1
-            id = self.next_id
-        msg = {"jsonrpc": "2.0", "method": method, "id": id}
-        if params is not None:
-            msg["params"] = params
-        await self.send(msg)
-        notes = []
-        while True:
-            frame = await self.recv(timeout)
-            if isinstance(frame, dict) and "method" in frame:
-                notes.append(frame)
-                continue
-            if isinstance(frame, dict) and frame.get("id") == id:
-                return frame, notes
-            notes.append(frame)
+    send = Client.send_raw
+    recv = Client.recv_raw
 
 
 @contextlib.asynccontextmanager
 async def connect(addr: str, **kwargs):
-    import websockets
+    """An RpcClient on ws://`addr`/ws; kwargs go to websockets.connect (additional_headers, origin, ...)."""
+    from protocol.client import connect as client_connect
 
-    async with websockets.connect(f"ws://{addr}/ws", max_size=None, **kwargs) as ws:
-        yield RpcClient(ws)
+    kwargs.setdefault("ping_interval", 20)  # what websockets.connect did here before
+    async with client_connect(f"ws://{addr}/ws", client_class=RpcClient, **kwargs) as c:
+        yield c

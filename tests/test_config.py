@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from runtime.backends.embedded import engine_kwargs
 from runtime.config import SETTINGS, Config, ConfigError, env_example, load_config, resolve_device
-from runtime.engine import engine_kwargs
 
 
 def load(env=None, **kw):
@@ -74,7 +75,7 @@ def test_unknown_key_in_dotenv_is_an_error(tmp_path: Path):
 
 def test_config_is_frozen():
     cfg = load()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.port = 1  # type: ignore[misc]
 
 

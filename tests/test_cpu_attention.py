@@ -1,6 +1,6 @@
 """runtime.cpu_attention: the prefix-aware SDPA backend gives SGLang's torch_native results on
 the shapes the CPU engine sends it (extends on cached prefixes, first prefills, decode batches,
-grouped-query heads), and runtime.sglang_plugin installs it only in a CPU engine's processes."""
+grouped-query heads), and runtime.sglang_adapter.plugin installs it only in a CPU engine's processes."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import sys
 
 import pytest
 
-from runtime.sglang_env import prepare
+from runtime.sglang_adapter import prepare
 
 prepare("cpu")
 
 import torch  # noqa: E402
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 
-from runtime import cpu_attention  # noqa: E402
-from runtime.cpu_attention import PrefixSDPABackend  # noqa: E402
+from runtime.sglang_adapter import cpu_attention  # noqa: E402
+from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend  # noqa: E402
 
 
 def _pool(seq_lens, kv_heads, dim, dtype, seed):
@@ -101,26 +101,43 @@ print(m.TorchNativeAttnBackend.__module__ + "." + m.TorchNativeAttnBackend.__nam
 """
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({"SGLANG_USE_CPU_ENGINE": "1"}, "runtime.cpu_attention.PrefixSDPABackend"),
+PLUGIN_CASES = [
+    ({"SGLANG_USE_CPU_ENGINE": "1"}, "runtime.sglang_adapter.cpu_attention.PrefixSDPABackend"),
     ({"SGLANG_USE_CPU_ENGINE": "1", "AGENT_RUNTIME_CPU_ATTENTION": "sglang"},
      "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"),
     ({"SGLANG_USE_CPU_ENGINE": "0"}, "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"),
-])
-def test_plugin_installs_the_backend_in_a_fresh_sglang_process(env, expected):
-    # What SGLang's scheduler process does first: load the installed plugins (entry points).
+]
+
+
+@pytest.fixture(scope="module")
+def plugin_probes():
+    """Each case's probe, run in a fresh process; all at once (each is an SGLang import, ~10 s)."""
     base = {k: v for k, v in os.environ.items() if k not in ("SGLANG_USE_CPU_ENGINE", "AGENT_RUNTIME_CPU_ATTENTION")}
-    out = subprocess.run([sys.executable, "-c", _PROBE], env={**base, **env}, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == expected
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env={**base, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for env, _ in PLUGIN_CASES]
+    try:
+        return [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.parametrize("case", range(len(PLUGIN_CASES)), ids=["cpu-engine", "cpu-engine-sglang-attention", "not-cpu"])
+def test_plugin_installs_the_backend_in_a_fresh_sglang_process(case, plugin_probes):
+    # What SGLang's scheduler process does first: load the installed plugins (entry points).
+    _, expected = PLUGIN_CASES[case]
+    stdout, stderr, returncode = plugin_probes[case]
+    assert returncode == 0, stderr[-2000:]
+    assert stdout.strip().splitlines()[-1] == expected
 
 
 @pytest.mark.engine
 def test_the_engine_scheduler_runs_prefix_sdpa(backend):
-    # Read back from the scheduler process itself (runtime.sglang_plugin reports the class its
+    # Read back from the scheduler process itself (runtime.sglang_adapter.plugin reports the class its
     # model runner holds): fails if the entry point is not installed or the hook did not apply.
     if backend.info.device != "cpu":
         pytest.skip("the CPU attention backend is for CPU engines")
-    assert backend.info.extra["attention_class"] == "runtime.cpu_attention.PrefixSDPABackend"
+    assert backend.info.extra["attention_class"] == "runtime.sglang_adapter.cpu_attention.PrefixSDPABackend"
     assert backend.info.attention_backend == "torch_native+prefix-sdpa"

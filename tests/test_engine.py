@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from runtime.backend import GenRequest, Sampling
+import pytest
+
+from runtime.backends import GenRequest, Sampling
+
+pytestmark = pytest.mark.engine
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:

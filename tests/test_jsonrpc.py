@@ -192,7 +192,7 @@ def test_a_single_non_object_is_an_invalid_request(text: str) -> None:
 def test_fractional_ids_are_allowed_but_generate_needs_string_or_integer_id() -> None:
     assert parse('{"jsonrpc": "2.0", "method": "server.info", "id": 1.5}').calls[0].id == 1.5
     for rid in ("null", "1.5"):
-        reply = serve(parse('{"jsonrpc": "2.0", "method": "generate", "params": {"messages": []}, "id": %s}' % rid))
+        reply = serve(parse('{"jsonrpc": "2.0", "method": "generate", "params": {"messages": []}, "id": ' + rid + '}'))
         assert error_of(reply)[0] == -32600 and "request_id" in reply["error"]["data"]["reason"]
     # A generate notification cannot be served (no id to tag its stream with): dropped silently.
     assert parse('{"jsonrpc": "2.0", "method": "generate", "params": {}}').entries == ()

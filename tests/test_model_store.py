@@ -22,6 +22,7 @@ def fake_convert(gguf: Path, out: Path) -> None:
     (out / "model.safetensors").write_bytes(os.urandom(4096))
 
 
+@pytest.mark.engine  # materializes the default model (about 20 s the first time) and hashes it
 def test_real_default_model_is_complete_and_verified(cfg):
     path = ensure_default_model(cfg.cache_dir)
     manifest = json.loads((path / MANIFEST).read_text())

@@ -1,11 +1,13 @@
 """The server as a user runs it: its own process, killed engine processes, SIGTERM.
 
-One server process for the module (its own engine: ~40 s to start, ~30 s to restart).
+One server process for the module on the real engine (~40 s to start, ~30 s to restart), and one
+on the fake backend (`INFERENCE_BACKEND=fake`, a few seconds) for what needs no engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -45,43 +47,53 @@ async def wait_ready(base: str, *, want: bool = True, timeout: float = 240) -> f
     raise TimeoutError(f"/ready did not become {want} within {timeout} s")
 
 
-@pytest_asyncio.fixture(scope="module")
-async def proc_server(tmp_path_factory):
+@contextlib.asynccontextmanager
+async def spawned_server(tmp_path_factory, **settings: str):
+    """`python -m runtime serve` in its own process, with only these INFERENCE_* settings."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
     if os.environ.get("INFERENCE_MODEL_CACHE_DIR"):
         env["INFERENCE_MODEL_CACHE_DIR"] = os.environ["INFERENCE_MODEL_CACHE_DIR"]
-    env.update({"INFERENCE_PORT": str(port), "INFERENCE_SHUTDOWN_GRACE_S": "90", "INFERENCE_LOG_JSON": "true",
-                "PYTHONUNBUFFERED": "1"})
+    env.update({"INFERENCE_PORT": str(port), "INFERENCE_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", **settings})
     log = tmp_path_factory.mktemp("server") / "server.log"
     fh = open(log, "w")
     p = subprocess.Popen([sys.executable, "-m", "runtime", "serve"], cwd=tmp_path_factory.getbasetemp(), env=env,
                          stdout=fh, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        await wait_ready(base)
-    except TimeoutError:
-        p.kill()
-        raise AssertionError("server did not become ready:\n" + log.read_text()[-4000:])
-    yield {"proc": p, "base": base, "addr": f"127.0.0.1:{port}", "log": log}
-    if p.poll() is None:
-        p.kill()
-        for child in psutil.Process(p.pid).children(recursive=True) if psutil.pid_exists(p.pid) else []:
-            child.kill()
-    fh.close()
+        try:
+            await wait_ready(base)
+        except TimeoutError:
+            raise AssertionError("server did not become ready:\n" + log.read_text()[-4000:]) from None
+        yield {"proc": p, "base": base, "addr": f"127.0.0.1:{port}", "log": log}
+    finally:
+        if p.poll() is None:
+            for child in psutil.Process(p.pid).children(recursive=True) if psutil.pid_exists(p.pid) else []:
+                child.kill()
+            p.kill()
+            p.wait(10)
+        fh.close()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def proc_server(tmp_path_factory):
+    async with spawned_server(tmp_path_factory, INFERENCE_SHUTDOWN_GRACE_S="90") as s:
+        yield s
 
 
 def engine_children(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+@pytest.mark.engine
 async def test_ready_log_line_names_what_runs(proc_server):
     text = proc_server["log"].read_text()
-    line = next(l for l in text.splitlines() if "ready: model=" in l)
+    line = next(ln for ln in text.splitlines() if "ready: model=" in ln)
     for field in ("device=cpu", "dtype=bfloat16", "attention=torch_native", "kv_capacity_tokens=65536"):
         assert field in line
 
 
+@pytest.mark.engine
 async def test_engine_process_killed_mid_stream_then_recovered(proc_server):
     pid = proc_server["proc"].pid
     async with connect(proc_server["addr"]) as c:
@@ -111,6 +123,7 @@ async def test_engine_process_killed_mid_stream_then_recovered(proc_server):
     assert "agent_runtime_engine_restarts_total 1.0" in metrics
 
 
+@pytest.mark.engine
 async def test_sigterm_finishes_streams_and_exits_zero(proc_server):
     p = proc_server["proc"]
     children = engine_children(p.pid)
@@ -134,3 +147,21 @@ async def test_sigterm_finishes_streams_and_exits_zero(proc_server):
     assert left == [], f"SGLang processes left behind: {left}"
     log = proc_server["log"].read_text()
     assert '"event": "request"' in log  # structured request lines were switched on
+
+
+async def test_fake_backend_process_serves_logs_and_exits_zero_on_sigterm(tmp_path_factory):
+    # What `INFERENCE_BACKEND=fake ./launch.sh` gives: the server process without a model.
+    # (SIGTERM with a stream in flight, and a killed engine, need a slow engine: see above.)
+    async with spawned_server(tmp_path_factory, INFERENCE_BACKEND="fake") as s:
+        line = next(ln for ln in s["log"].read_text().splitlines() if "ready: model=" in ln)
+        assert "model=fake-chatml" in line and "backend=fake" in line
+        async with connect(s["addr"]) as c:
+            info, _ = await c.call("server.info", timeout=30)
+            assert info["result"]["backend"] == "fake"
+            ok, notes = await c.call("generate", {"messages": [{"role": "user", "content": "Say hi."}]}, timeout=30)
+            assert ok["result"]["text"] == "Hello from the fake backend." and ok["result"]["finish_reason"] == "stop"
+            assert [n["method"] for n in notes][-1] == "stream_end"
+        s["proc"].send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(s["proc"].wait, 30) == 0
+        log = s["log"].read_text()
+        assert "draining" in log and '"event": "request"' in log  # structured request lines were switched on

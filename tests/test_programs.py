@@ -82,6 +82,7 @@ def renderer(tok, fmt):
 
 
 # ---------------------------------------------------------------------------- schemas
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_default_model_gets_default_format(fmt):
     assert fmt.name == "default" and fmt.detector == "hermes" and not fmt.template_tools
 
@@ -208,6 +209,7 @@ def test_validate_arguments():
 
 
 # ---------------------------------------------------------------------------- rendering
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_canonical_prefix_ignores_key_and_tool_order(renderer):
     a = renderer.prefix_ids("You are a bot.", TOOLS)
     b = renderer.prefix_ids("You are a bot.", _reordered(list(reversed(TOOLS))))
@@ -215,6 +217,7 @@ def test_canonical_prefix_ignores_key_and_tool_order(renderer):
     assert a != renderer.prefix_ids("You are a bot.", [WEATHER])
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_prefix_holds_system_and_tools(renderer, tok):
     text = tok.decode(renderer.prefix_ids("You are a bot.", TOOLS))
     assert text.startswith("<|im_start|>system\nYou are a bot.\n\n# Tools")
@@ -235,12 +238,14 @@ HISTORY = [
 ]
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_prefix_is_prefix_of_full(renderer):
     prefix = renderer.prefix_ids("You are a bot.", TOOLS)
     full = renderer.full_ids("You are a bot.", TOOLS, HISTORY)
     assert full[: len(prefix)] == prefix and len(full) > len(prefix)
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_session_append_equals_stateless(renderer, tok):
     system = "You are a bot."
     session = renderer.prefix_ids(system, TOOLS)
@@ -256,6 +261,7 @@ def test_session_append_equals_stateless(renderer, tok):
     assert session == tok.encode(whole, add_special_tokens=False)
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_stateless_equals_the_chat_template(renderer, tok):
     """The segments are the model's own chat template (ChatML) with the project's tool block."""
     system = "You are a bot.\n\n" + renderer.tools_block(TOOLS)
@@ -266,6 +272,7 @@ def test_stateless_equals_the_chat_template(renderer, tok):
     assert "<|im_start|>user\n<tool_response>\n" in expected
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_close_previous_emits_end_of_turn(renderer, tok):
     msgs = [{"role": "user", "content": "go on"}]
     closed = renderer.turn_ids(msgs, close_previous=True)
@@ -273,6 +280,7 @@ def test_close_previous_emits_end_of_turn(renderer, tok):
     assert tok.decode(closed).startswith("<|im_end|>\n<|im_start|>user\ngo on<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_history_must_end_with_user_or_tool(renderer):
     with pytest.raises(P.RenderError):
         renderer.full_ids(None, TOOLS, HISTORY[:2])
@@ -305,6 +313,7 @@ def _parallel(fmt):
     return dataclasses.replace(fmt, max_calls=None)
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_default_format_holds_one_call_per_turn(compiler, fmt):
     prog = P.ToolProgram(fmt, TOOLS, tool_choice="required", parallel_tool_calls=True)
     assert prog.max_calls == 1
@@ -312,6 +321,7 @@ def test_default_format_holds_one_call_per_turn(compiler, fmt):
     assert not _accepts(compiler, prog, CALL_W + "\n", end=False)
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_required_constraint(compiler, fmt):
     prog = P.ToolProgram(_parallel(fmt), TOOLS, tool_choice="required")
     assert prog.constraint().kind == "structural_tag"
@@ -324,6 +334,7 @@ def test_required_constraint(compiler, fmt):
     assert not _accepts(compiler, prog, CALL_W.replace("celsius", "kelvin"), end=False)  # schema held
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_single_call_and_named_constraint(compiler, fmt):
     single = P.ToolProgram(_parallel(fmt), TOOLS, tool_choice="required", parallel_tool_calls=False)
     assert _accepts(compiler, single, CALL_W)
@@ -334,6 +345,7 @@ def test_single_call_and_named_constraint(compiler, fmt):
     assert not _accepts(compiler, named, CALL_S + "\n", end=False)  # a named choice is one call
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_auto_and_none_constraint(compiler, fmt):
     auto = P.ToolProgram(_parallel(fmt), TOOLS, tool_choice="auto")
     assert _accepts(compiler, auto, "Hello! How can I help?")
@@ -367,6 +379,7 @@ def test_each_format_call_syntax_parses_back(name):
 
 
 @pytest.mark.parametrize("name", ["qwen25", "hermes", "llama3", "mistral", "deepseekv3"])
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_template_format_constraints_compile(compiler, name):
     fmt = FORMATS[name]
     for choice in ("auto", "required", "none", {"type": "function", "function": {"name": "search"}}):
@@ -376,7 +389,7 @@ def test_template_format_constraints_compile(compiler, name):
 
 
 def test_registry_detectors_exist():
-    from runtime.sglang_env import prepare
+    from runtime.sglang_adapter import prepare
 
     prepare()
     from sglang.srt.function_call.function_call_parser import FunctionCallParser
@@ -418,6 +431,7 @@ def qwen_style(tok):
     return t
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_template_format_detection_and_rendering(qwen_style):
     fmt = P.format_for(qwen_style)
     assert fmt.name == "qwen25"
@@ -448,7 +462,7 @@ def test_template_format_detection_and_rendering(qwen_style):
 
 # ---------------------------------------------------------------------------- parser
 def _parse(program, text, step):
-    parser = program.parser()
+    parser = P.StreamParser(program)
     events = []
     for i in range(0, len(text), step):
         events += parser.feed(text[i : i + step])
@@ -468,6 +482,7 @@ S_ARGS = {"filters": {"tags": ["a"]}, "query": "q"}
 
 
 @pytest.mark.parametrize("step", [1, 3, 7, 10_000])
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_parser_default_format(fmt, step):
     prog = P.ToolProgram(_parallel(fmt), TOOLS, tool_choice="auto", end_of_turn="<|im_end|>")
     text, calls, bad = _summary(_parse(prog, "Let me check.\n" + CALL_W + "\n" + CALL_S + "<|im_end|>", step))
@@ -477,6 +492,7 @@ def test_parser_default_format(fmt, step):
 
 
 @pytest.mark.parametrize("step", [1, 4, 10_000])
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_parser_text_only(fmt, step):
     prog = P.ToolProgram(fmt, TOOLS, tool_choice="auto")
     text, calls, bad = _summary(_parse(prog, "The answer is 2 < 3 and <tool is not a call.<|im_end|>", step))
@@ -484,8 +500,9 @@ def test_parser_text_only(fmt, step):
     assert calls == [] and bad == []
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_parser_calls_are_emitted_as_soon_as_complete(fmt):
-    parser = P.ToolProgram(fmt, TOOLS, tool_choice="required").parser()
+    parser = P.StreamParser(P.ToolProgram(fmt, TOOLS, tool_choice="required"))
     events = []
     for ch in CALL_W:
         events += parser.feed(ch)
@@ -493,12 +510,14 @@ def test_parser_calls_are_emitted_as_soon_as_complete(fmt):
     assert parser.feed("<|im_end|>") == [] and parser.finish() == []
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_parser_none_mode_never_calls(fmt):
     prog = P.ToolProgram(fmt, TOOLS, tool_choice="none")
     text, calls, bad = _summary(_parse(prog, CALL_W + "<|im_end|>", 2))
     assert calls == [] and bad == [] and text == CALL_W
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_parser_reports_bad_and_truncated_calls(fmt):
     prog = P.ToolProgram(fmt, TOOLS, tool_choice="required")
     _, calls, bad = _summary(_parse(prog, CALL_W + "\n" + CALL_S, 5))  # more calls than the turn allows
@@ -512,6 +531,7 @@ def test_parser_reports_bad_and_truncated_calls(fmt):
     assert calls == [] and bad
 
 
+@pytest.mark.engine  # the default model's tokenizer (materializes the model)
 def test_truncated_call_is_not_logged_as_an_error(fmt, caplog):
     # A call cut off by max_tokens is an ordinary 'length' finish: SGLang's detector must not
     # put an ERROR line in the host's log for it.

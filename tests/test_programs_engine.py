@@ -7,13 +7,15 @@ no text after it); `none` never calls; a session's next turn appends to the cach
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
 import pytest
 
 import programs as P
-from runtime.backend import GenRequest, Sampling
+from runtime.backends import GenRequest, Sampling
+from runtime.turn import run_token_turn
 
 pytestmark = pytest.mark.engine
 
@@ -56,19 +58,37 @@ def setup(backend):
     return fmt, tools, renderer
 
 
+class _Recording:
+    """The engine, with the last update it streamed kept: the raw output the assertions read."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.last = None
+
+    async def stream(self, request):
+        async for u in self.backend.stream(request):
+            self.last = u
+            yield u
+
+    async def abort(self, rid):
+        await self.backend.abort(rid)
+
+
 async def _turn(backend, renderer, program, ids):
-    parser = program.parser()
-    events, last, seen = [], None, ""
+    """One turn through the runtime's own token turn (runtime.turn), as the server runs it."""
+    engine = _Recording(backend)
     sampling = Sampling(max_new_tokens=MAX_NEW, temperature=0.0, constraint=program.constraint())
-    async for u in backend.stream(GenRequest(rid=uuid.uuid4().hex, input_ids=ids, sampling=sampling)):
-        events += parser.feed(u.text[len(seen):])
-        seen, last = u.text, u
-    events += parser.finish()
-    calls = [e for e in events if isinstance(e, P.ToolCallEvent)]
-    text = "".join(e.text for e in events if isinstance(e, P.TextDelta))
-    bad = [e.reason for e in events if isinstance(e, P.InvalidOutput)]
+
+    async def emit(kind, payload):
+        return None
+
+    out = await run_token_turn(engine, GenRequest(rid=uuid.uuid4().hex, input_ids=ids, sampling=sampling), program,
+                               emit=emit, cancelled=asyncio.Event())
+    last = engine.last
+    calls = [P.ToolCallEvent(name=c["name"], arguments=c["arguments"], index=i) for i, c in enumerate(out.tool_calls)]
+    bad = [] if out.error is None else [out.error.message]
     print(f"\n[{program.mode}/{program.named}] finish={last.finish_reason} raw={last.text!r} calls={calls} bad={bad}")
-    return last, calls, text, bad
+    return last, calls, out.text, bad
 
 
 def _assert_clean_call_turn(renderer, fmt, last, calls, text, bad):

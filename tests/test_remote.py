@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 
@@ -22,12 +23,12 @@ import httpx
 import pytest
 import pytest_asyncio
 
+import test_server as _shared
 from conftest import connect, running_server, test_config
 
-import test_server as _shared
-
 # The protocol tests of test_server.py, collected here a second time, run against each remote
-# backend (this module's `server` and `backend` fixtures replace the embedded ones).
+# backend (this module's `server` / `backend` and `rpc_server` / `rpc_backend` fixtures replace
+# the embedded engine's and the fake backend's).
 SHARED_TESTS = (
     "test_stateless_generate_streams_then_ends_once",
     "test_length_finish",
@@ -35,9 +36,22 @@ SHARED_TESTS = (
     "test_disconnect_mid_stream_aborts_engine_work",
     "test_invalid_params_name_the_field",
 )
+
+
+def _on_the_cluster(test):
+    """A copy of a shared test with the engine marker. A copy: marking test_server's own
+    function would mark it there too, and take its fake-backend tests out of the fast suite."""
+
+    @functools.wraps(test)
+    async def copy(*args, **kwargs):
+        return await test(*args, **kwargs)
+
+    return pytest.mark.engine(copy)
+
+
 for _name in SHARED_TESTS:
     if hasattr(_shared, _name):
-        globals()[_name] = pytest.mark.engine(getattr(_shared, _name))
+        globals()[_name] = _on_the_cluster(getattr(_shared, _name))
 
 # An enum-only tool: a forced call of it is valid whatever the model knows. (The default model's
 # own chat template has no tools, so through the OpenAI API the model never sees them.)
@@ -122,6 +136,16 @@ def backend(remote):
     return remote[3]
 
 
+@pytest.fixture(scope="module")
+def rpc_server(server):
+    return server
+
+
+@pytest.fixture(scope="module")
+def rpc_backend(backend):
+    return backend
+
+
 # --------------------------------------------------------------------------- sessions on the cluster
 
 
@@ -190,7 +214,7 @@ async def test_session_tool_call_then_results_with_cache_hits(remote):
     # the previous one token for token on the same worker (router cache_aware / prefix affinity):
     # all of it is cached but the one last sampled token, which has no KV yet.
     assert usage[0]["cached_tokens"] >= opened["prefix_tokens"] - 1
-    for prev, cur in zip(usage, usage[1:]):
+    for prev, cur in zip(usage, usage[1:], strict=False):
         assert cur["cached_tokens"] >= prev["prompt_tokens"] + prev["completion_tokens"] - 1
 
 
@@ -213,7 +237,7 @@ async def test_sessions_with_one_agent_definition_share_the_prefix(remote):
 
 
 def test_prefix_affinity_keeps_a_session_on_its_worker():
-    from runtime.remote import PrefixAffinity
+    from runtime.backends.sglang_http import PrefixAffinity
 
     aff = PrefixAffinity(block=4)
     workers = ["http://a", "http://b"]
@@ -234,9 +258,10 @@ def test_prefix_affinity_keeps_a_session_on_its_worker():
 
 
 async def test_unreachable_backend_is_a_clear_error_at_start():
+    from runtime.backends.base import BackendUnavailable
+    from runtime.backends.openai_http import OpenAIBackend
+    from runtime.backends.sglang_http import SGLangBackend
     from runtime.cluster import free_port
-    from runtime.backend import BackendUnavailable
-    from runtime.remote import OpenAIBackend, SGLangBackend
 
     url = f"http://127.0.0.1:{free_port()}"
     for cls, kind in ((SGLangBackend, "sglang"), (OpenAIBackend, "openai")):
@@ -335,7 +360,7 @@ async def _serve(app):
 
 
 async def test_openai_chat_path_against_a_fake_server():
-    from runtime.remote import OpenAIBackend
+    from runtime.backends.openai_http import OpenAIBackend
 
     seen: list[dict] = []
     disconnected: list[str] = []
@@ -421,7 +446,7 @@ def test_cluster_stops_everything_when_a_child_dies(cfg, tmp_path):
             ports = [*self.worker_ports, self.router_port]
             names = [f"worker {i + 1}/{self.n}" for i in range(self.n)] + ["router"]
             return [Child(name, [sys.executable, "-c", _FAKE_CHILD, str(port)], f"http://127.0.0.1:{port}", "/health",
-                          self.log_dir / f"{i}.log") for i, (name, port) in enumerate(zip(names, ports))]
+                          self.log_dir / f"{i}.log") for i, (name, port) in enumerate(zip(names, ports, strict=True))]
 
     messages: list[str] = []
     c = FakeCluster(cfg, 2, with_runtime=False, log_dir=tmp_path, progress=messages.append)

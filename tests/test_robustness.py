@@ -1,8 +1,13 @@
-"""Load, limits, bad input and authentication against live servers on loopback."""
+"""Load, limits, bad input and authentication against live servers on loopback.
+
+These check the server, not the model: they run on the scripted fake backend (the real server on
+a real socket), except the load test, which runs on the fake and on the real engine.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -12,8 +17,18 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import connect, running_server
+from runtime.backends.fake import FakeBackend
 
 SAY_HI = [{"role": "user", "content": "Say hi."}]
+
+
+@contextlib.asynccontextmanager
+async def _stopped(backend):
+    """Stop a test's own backend when the test is done with it."""
+    try:
+        yield
+    finally:
+        await backend.stop()
 
 
 async def handshake_status(addr: str, **kwargs) -> int:
@@ -27,7 +42,8 @@ async def handshake_status(addr: str, **kwargs) -> int:
 # --------------------------------------------------------------------------- authentication
 
 
-async def test_api_key_handshake_and_session_ownership(cfg, backend):
+async def test_api_key_handshake_and_session_ownership(cfg, fake):
+    backend = fake
     keyed = cfg.replace(api_key="key-one,key-two", allowed_origins=("https://agents.example",))
     async with running_server(keyed, backend) as (addr, _):
         assert await handshake_status(addr) == 401
@@ -56,9 +72,12 @@ async def test_api_key_handshake_and_session_ownership(cfg, backend):
 # --------------------------------------------------------------------------- limits
 
 
-async def test_limits(cfg, backend):
+async def test_limits(cfg):
     tight = cfg.replace(max_connections=3, max_inflight_per_connection=1, max_tokens_cap=64, max_sessions_per_key=2)
-    async with running_server(tight, backend) as (addr, _):
+    # The default model's context, and slow enough that "a" is still running when "b" comes.
+    backend = FakeBackend(context_length=8192, token_delay_s=0.01)
+    await backend.start()
+    async with running_server(tight, backend) as (addr, _), _stopped(backend):
         async with connect(addr) as c, connect(addr), connect(addr):
             assert await handshake_status(addr) == 503  # a fourth connection
             # max_tokens above the cap
@@ -87,7 +106,9 @@ async def test_limits(cfg, backend):
             assert r["error"]["code"] == -32000
 
 
-async def test_engine_queue_bound_answers_overloaded(cfg, backend):
+async def test_engine_queue_bound_answers_overloaded(cfg, fake):
+    backend = fake
+    backend.token_delay_s = 0.05  # the first two are still generating when the last two arrive
     async with running_server(cfg.replace(max_queue=2), backend) as (addr, _):
         async with connect(addr) as c:
             for i in range(4):
@@ -103,9 +124,11 @@ async def test_engine_queue_bound_answers_overloaded(cfg, backend):
             assert all(a["error"]["data"]["retry_after_ms"] > 0 for a in overloaded)
 
 
-async def test_client_that_stops_reading_is_closed(cfg, backend):
+async def test_client_that_stops_reading_is_closed(cfg, fake):
+    backend = fake
     async with running_server(cfg.replace(send_queue_frames=16), backend) as (addr, app):
-        ws = await websockets.connect(f"ws://{addr}/ws", max_queue=1, max_size=None)
+        # close_timeout: the server is gone by the end; the client's own close need not wait 10 s for it.
+        ws = await websockets.connect(f"ws://{addr}/ws", max_queue=1, max_size=None, close_timeout=1)
         req = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "rpc.discover"})  # a large answer
         closed = False
         for _ in range(4000):
@@ -185,7 +208,8 @@ def _ids_expecting_reply(value) -> list:
             and i["method"] != "generate"]
 
 
-async def test_fuzzed_frames_never_crash_and_every_request_is_answered(cfg, backend):
+async def test_fuzzed_frames_never_crash_and_every_request_is_answered(cfg, fake):
+    backend = fake
     # generate params are fuzzed too, but max_tokens small keeps accidental generations short.
     async with running_server(cfg.replace(max_tokens_cap=8, default_max_tokens=4), backend) as (addr, _):
         await asyncio.to_thread(_fuzz, addr)
@@ -197,7 +221,18 @@ async def test_fuzzed_frames_never_crash_and_every_request_is_answered(cfg, back
 # --------------------------------------------------------------------------- load
 
 
+@pytest.mark.engine
 async def test_fifty_connections_several_turns_nothing_lost(server, backend):
+    # The real engine's scheduler and radix cache under 50 concurrent sessions.
+    await fifty_connections(server, backend)
+
+
+async def test_fifty_connections_several_turns_nothing_lost_on_the_fake(fake_server, fake):
+    # The server's own concurrency (connections, sessions, one stream_end each), in seconds.
+    await fifty_connections(fake_server, fake)
+
+
+async def fifty_connections(server, backend) -> None:
     addr = server[0]
     n_conn, turns = 50, 3
     stats = {"answered": 0, "stream_ends": 0}
@@ -223,3 +258,39 @@ async def test_fifty_connections_several_turns_nothing_lost(server, backend):
     await asyncio.gather(*(agent(i) for i in range(n_conn)))
     assert stats == {"answered": n_conn * turns, "stream_ends": n_conn * turns}
     assert await backend.engine_requests() == 0
+
+
+# --------------------------------------------------------------------------- a dying engine
+
+
+async def test_engine_death_mid_stream_is_engine_unavailable_then_restarted(cfg):
+    # The in-process view of tests/test_process.py's killed engine: the fake "dies" mid-stream
+    # (its own backend: the supervisor restarts what it serves).
+    from runtime.metrics import METRICS
+
+    backend = FakeBackend(token_delay_s=0.01)
+    await backend.start()
+    restarts = METRICS.registry.get_sample_value("agent_runtime_engine_restarts_total")
+    async with running_server(cfg, backend) as (addr, _), _stopped(backend):
+        async with connect(addr) as c:
+            await c.send({"jsonrpc": "2.0", "id": "victim", "method": "generate",
+                          "params": {"messages": SAY_HI, "max_tokens": 24, "tool_choice": "none"}})
+            assert (await c.recv())["method"] == "text_chunk"
+            backend.kill()
+            end = resp = None
+            while resp is None:
+                frame = await c.recv(timeout=30)
+                if frame.get("method") == "stream_end":
+                    end = frame
+                elif frame.get("id") == "victim":
+                    resp = frame
+            assert end is not None and end["params"]["finish_reason"] == "error"
+            assert resp["error"]["code"] == -32004 and end["params"]["error"] == resp["error"]
+            # The supervisor notices (within about a second) and restarts it; later requests succeed.
+            for _ in range(100):
+                if METRICS.registry.get_sample_value("agent_runtime_engine_restarts_total") > restarts and backend.is_ready():
+                    break
+                await asyncio.sleep(0.05)
+            assert METRICS.registry.get_sample_value("agent_runtime_engine_restarts_total") == restarts + 1
+            ok, _ = await c.call("generate", {"messages": SAY_HI, "max_tokens": 8, "tool_choice": "none"})
+            assert ok["result"]["usage"]["completion_tokens"] > 0

@@ -1,4 +1,13 @@
-"""The JSON-RPC WebSocket over a real socket (uvicorn on loopback), with the real engine."""
+"""The JSON-RPC WebSocket over a real socket (uvicorn on loopback).
+
+What needs a real model (an answer's content, the engine's prefix cache and finish reasons, what
+server.info reports of the embedded engine) runs on the real engine (`engine` marker); the
+protocol itself (spec examples, close codes, cancel and disconnect, duplicate ids, busy
+sessions) runs on the scripted fake backend, through the same server.
+
+The tests written against `rpc_server` / `rpc_backend` are collected a second time by
+tests/test_remote.py, which points those two fixtures at each remote backend.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +26,26 @@ from conftest import connect
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight, with many chapters."}]
+# What the fake "writes" for STORY: far more than 400 tokens (one token per byte), slowly.
+LONG_STORY = " ".join(f"Chapter {i}: the dragon and the knight rode on through the night." for i in range(40))
 
 
-async def test_health_ready_metrics(server):
-    addr, _ = server
+@pytest.fixture
+def rpc_server(fake_server):
+    """The server the protocol tests talk to: the real server on the fake backend."""
+    return fake_server
+
+
+@pytest.fixture
+def rpc_backend(fake):
+    """What `rpc_server` generates with: a long story, streamed slowly enough to cancel."""
+    fake.reply = lambda _request, _prompt: LONG_STORY
+    fake.token_delay_s = 0.005
+    return fake
+
+
+async def test_health_ready_metrics(fake_server):
+    addr, _ = fake_server
     async with httpx.AsyncClient(base_url=f"http://{addr}") as http:
         assert (await http.get("/health")).json() == {"status": "ok"}
         ready = await http.get("/ready")
@@ -29,6 +54,7 @@ async def test_health_ready_metrics(server):
         assert metrics.status_code == 200 and "agent_runtime_requests_total" in metrics.text
 
 
+@pytest.mark.engine
 async def test_server_info_and_discover(server):
     async with connect(server[0]) as c:
         info, _ = await c.call("server.info", {})
@@ -40,6 +66,7 @@ async def test_server_info_and_discover(server):
         assert {"session.open", "generate", "cancel", "session.close", "server.info", "rpc.discover"} <= names
 
 
+@pytest.mark.engine
 async def test_stateless_generate_streams_then_ends_once(server):
     async with connect(server[0]) as c:
         resp, notes = await c.call("generate", {"messages": FRANCE, "max_tokens": 24, "tool_choice": "none"}, id="g1")
@@ -61,6 +88,7 @@ async def test_stateless_generate_streams_then_ends_once(server):
         assert again["result"]["usage"]["cached_tokens"] >= usage["prompt_tokens"] - 1
 
 
+@pytest.mark.engine
 async def test_length_finish(server):
     async with connect(server[0]) as c:
         resp, _ = await c.call("generate", {"messages": STORY, "max_tokens": 3, "tool_choice": "none"})
@@ -75,7 +103,8 @@ async def wait_engine_idle(backend, timeout=10.0):
     return False
 
 
-async def test_cancel_while_info_is_answered(server, backend):
+async def test_cancel_while_info_is_answered(rpc_server, rpc_backend):
+    server, backend = rpc_server, rpc_backend
     async with connect(server[0]) as c:
         await c.send({"jsonrpc": "2.0", "id": "long", "method": "generate",
                       "params": {"messages": STORY, "max_tokens": 400, "temperature": 0.7, "seed": 3, "tool_choice": "none"}})
@@ -103,7 +132,8 @@ async def test_cancel_while_info_is_answered(server, backend):
     assert await wait_engine_idle(backend), "the cancelled request still holds the engine"
 
 
-async def test_disconnect_mid_stream_aborts_engine_work(server, backend):
+async def test_disconnect_mid_stream_aborts_engine_work(rpc_server, rpc_backend):
+    server, backend = rpc_server, rpc_backend
     async with connect(server[0]) as c:
         await c.send({"jsonrpc": "2.0", "id": 1, "method": "generate",
                       "params": {"messages": STORY, "max_tokens": 400, "temperature": 0.7, "seed": 4, "tool_choice": "none"}})
@@ -127,7 +157,8 @@ async def exchange(c, text: str, *, expect_reply: bool = True):
     return await c.recv()
 
 
-async def test_jsonrpc_spec_examples_over_the_socket(server):
+async def test_jsonrpc_spec_examples_over_the_socket(fake_server):
+    server = fake_server
     async with connect(server[0]) as c:
         # rpc call with named parameters
         r = await exchange(c, '{"jsonrpc": "2.0", "method": "server.info", "params": {}, "id": 3}')
@@ -176,7 +207,8 @@ async def test_jsonrpc_spec_examples_over_the_socket(server):
                        expect_reply=False)
 
 
-async def test_invalid_params_name_the_field(server):
+async def test_invalid_params_name_the_field(rpc_server):
+    server = rpc_server
     async with connect(server[0]) as c:
         r, notes = await c.call("generate", {"messages": [{"role": "wizard", "content": "hi"}]})
         err = r["error"]
@@ -189,7 +221,8 @@ async def test_invalid_params_name_the_field(server):
         assert r["error"]["code"] == -32602 and r["error"]["data"]["errors"][0]["field"] == "colour"
 
 
-async def test_deeply_nested_json_does_not_crash(server):
+async def test_deeply_nested_json_does_not_crash(fake_server):
+    server = fake_server
     async with connect(server[0]) as c:
         r = await exchange(c, "[" * 100_000 + "]" * 100_000)
         assert r["error"]["code"] in (-32600, -32700) and r["id"] is None
@@ -197,7 +230,8 @@ async def test_deeply_nested_json_does_not_crash(server):
         assert "result" in ok
 
 
-async def test_binary_frame_closes_with_1003_and_others_keep_working(server):
+async def test_binary_frame_closes_with_1003_and_others_keep_working(fake_server):
+    server = fake_server
     addr = server[0]
     async with connect(addr) as other:
         async with connect(addr) as c:
@@ -209,7 +243,8 @@ async def test_binary_frame_closes_with_1003_and_others_keep_working(server):
         assert "result" in ok
 
 
-async def test_oversized_frame_closes_with_1009(server):
+async def test_oversized_frame_closes_with_1009(fake_server):
+    server = fake_server
     _, app = server
     limit = app.state.server.cfg.max_frame_bytes
     async with connect(server[0]) as c:
@@ -240,7 +275,8 @@ def _frame(opcode: int, payload: bytes) -> bytes:
     return header + mask + masked
 
 
-async def test_invalid_utf8_text_frame_closes_with_1007(server):
+async def test_invalid_utf8_text_frame_closes_with_1007(fake_server):
+    server = fake_server
     def run() -> int:
         s = _raw_ws(server[0])
         s.sendall(_frame(0x1, b'{"jsonrpc": "2.0", "method": "\xff\xfe", "id": 1}'))
@@ -258,3 +294,58 @@ async def test_invalid_utf8_text_frame_closes_with_1007(server):
     async with connect(server[0]) as c:
         ok, _ = await c.call("server.info")
         assert "result" in ok
+
+
+# --------------------------------------------------------------------------- one request id, one session turn
+
+
+async def test_duplicate_generate_id_in_flight_is_refused_without_a_stream(fake_server, fake):
+    fake.reply = lambda _request, _prompt: LONG_STORY
+    fake.token_delay_s = 0.01
+    async with connect(fake_server[0]) as c:
+        await c.send({"jsonrpc": "2.0", "id": "dup", "method": "generate", "params": {"messages": STORY, "max_tokens": 60}})
+        first = await c.recv()
+        assert first["method"] == "text_chunk"
+        await c.send({"jsonrpc": "2.0", "id": "dup", "method": "generate", "params": {"messages": FRANCE, "max_tokens": 4}})
+        responses, notes = [], [first]
+        while not any("result" in r for r in responses):
+            frame = await c.recv()
+            (notes if "method" in frame else responses).append(frame)
+        refused, done = responses
+        # The second "dup" is answered at once, and has no stream of its own: its notifications
+        # would be indistinguishable from the first one's.
+        assert refused["error"]["code"] == -32600 and refused["error"]["data"]["reason"] == "duplicate id in flight"
+        ends = [n for n in notes if n["method"] == "stream_end"]
+        assert len(ends) == 1 and notes[-1] is ends[0] and ends[0]["params"]["finish_reason"] == "length"
+        assert done["result"]["finish_reason"] == "length" and done["result"]["usage"]["completion_tokens"] == 60
+        assert "".join(n["params"]["text"] for n in notes if n["method"] == "text_chunk") == done["result"]["text"] == LONG_STORY[:60]
+        # Once it ended, the id is free again.
+        again, notes = await c.call("generate", {"messages": FRANCE, "max_tokens": 4}, id="dup")
+        assert again["result"]["finish_reason"] == "length" and [n["method"] for n in notes][-1] == "stream_end"
+
+
+async def test_a_busy_session_refuses_a_second_turn(fake_server, fake):
+    async with connect(fake_server[0]) as c:
+        opened, _ = await c.call("session.open", {"system_prompt": "You are terse."})
+        sid = opened["result"]["session_id"]
+        fake.reply = lambda _request, _prompt: LONG_STORY
+        fake.token_delay_s = 0.01
+        say = [{"role": "user", "content": "Tell me a story."}]
+        await c.send({"jsonrpc": "2.0", "id": "t1", "method": "generate",
+                      "params": {"session_id": sid, "messages": say, "max_tokens": 40}})
+        assert (await c.recv())["method"] == "text_chunk"
+        busy, notes = await c.call("generate", {"session_id": sid, "messages": say, "max_tokens": 4}, id="t2")
+        assert busy["error"]["code"] == -32602
+        assert busy["error"]["data"]["errors"][0]["field"] == "session_id"
+        t2_ends = [n for n in notes if n["method"] == "stream_end" and n["params"]["request_id"] == "t2"]
+        assert [n["params"]["finish_reason"] for n in t2_ends] == ["error"]
+        while True:  # the running turn is not disturbed
+            frame = await c.recv()
+            if frame.get("id") == "t1":
+                break
+        assert frame["result"]["finish_reason"] == "length" and frame["result"]["usage"]["completion_tokens"] == 40
+        # One turn at a time, not one turn ever: the next turn runs.
+        fake.token_delay_s = 0.0
+        r, _ = await c.call("generate", {"session_id": sid, "messages": say, "max_tokens": 4}, id="t3")
+        assert r["result"]["finish_reason"] == "length"
+        assert r["result"]["usage"]["cached_tokens"] > 0  # the session's earlier turn, as the fake's cache saw it

@@ -1,8 +1,12 @@
-"""Agent sessions over the real socket with the real engine: valid calls, reused prefixes."""
+"""Agent sessions over the real socket with the real engine: valid calls, reused prefixes.
+
+The tool-schema errors are refused before any generation: they run on the fake backend.
+"""
 
 from __future__ import annotations
 
 import jsonschema
+import pytest
 
 from conftest import connect
 
@@ -35,6 +39,7 @@ def assert_valid(calls):
         jsonschema.validate(call["arguments"], SCHEMAS[call["name"]])
 
 
+@pytest.mark.engine
 async def test_five_turn_tool_session_reuses_everything(server):
     async with connect(server[0]) as c:
         opened, _ = await c.call("session.open", {"system_prompt": SYSTEM, "tools": TOOLS})
@@ -61,7 +66,7 @@ async def test_five_turn_tool_session_reuses_everything(server):
             else:
                 assert calls == [] and result["finish_reason"] in ("stop", "length")
         # Every turn after the first: the whole previous prompt and output came from the cache.
-        for prev, cur in zip(turns, turns[1:]):
+        for prev, cur in zip(turns, turns[1:], strict=False):
             reusable = prev["prompt_tokens"] + prev["completion_tokens"]
             assert cur["cached_tokens"] >= 0.99 * reusable, (prev, cur)
             assert cur["prompt_tokens"] > reusable  # nothing re-rendered: the prompt only grew
@@ -80,6 +85,7 @@ async def test_five_turn_tool_session_reuses_everything(server):
         assert gone["error"]["code"] == -32001
 
 
+@pytest.mark.engine
 async def test_tool_choice_modes_stateless(server):
     ask = [{"role": "user", "content": "I need the weather in Rome and flights from FCO to LHR for 1."}]
     async with connect(server[0]) as c:
@@ -106,8 +112,8 @@ async def test_tool_choice_modes_stateless(server):
         assert r2["result"]["usage"]["cached_tokens"] > 0
 
 
-async def test_tool_schema_errors(server):
-    async with connect(server[0]) as c:
+async def test_tool_schema_errors(fake_server):
+    async with connect(fake_server[0]) as c:
         bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": 5}}}}}]
         r, _ = await c.call("session.open", {"tools": bad})
         assert r["error"]["code"] == -32602

@@ -1,7 +1,7 @@
 """The embedded SGLang Engine: its arguments per device, its lifecycle, and its stream.
 
 Gotchas handled here (see FINDINGS.md):
-- SGLang must be imported after runtime.sglang_env.prepare() (CPU flag, sgl_kernel stand-in).
+- SGLang must be imported after runtime.sglang_adapter.prepare() (CPU flag, sgl_kernel stand-in).
 - Engine construction blocks for tens of seconds: it runs in a worker thread so the server
   answers /health meanwhile. Off the main thread SGLang installs no launch-phase signal
   handlers; its tokenizer manager later adds SIGTERM/SIGQUIT handlers to the serving loop,
@@ -19,13 +19,15 @@ import os
 import signal
 import threading
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from runtime import sglang_plugin
-from runtime.backend import Backend, BackendInfo, BackendUnavailable, GenRequest, GenUpdate
+from runtime.backends.base import BackendInfo, BackendUnavailable, GenRequest, GenUpdate, TokenBackend
+from runtime.backends.sglang_output import to_update
 from runtime.config import Config
+from runtime.sglang_adapter import plugin as sglang_plugin
 
-log = logging.getLogger("runtime.engine")
+log = logging.getLogger("runtime.backends.embedded")
 
 CPU_DEFAULT_KV_TOKENS = 65536
 
@@ -82,29 +84,8 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
     return kwargs
 
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-
-
-def to_update(out: dict[str, Any]) -> GenUpdate:
-    meta = out.get("meta_info", {})
-    finish = meta.get("finish_reason")
-    reason = matched = None
-    if finish:
-        reason = _FINISH.get(finish.get("type"), "abort")
-        matched = finish.get("matched")
-    return GenUpdate(
-        text=out.get("text", ""),
-        output_ids=list(out.get("output_ids") or []),
-        prompt_tokens=int(meta.get("prompt_tokens", 0)),
-        cached_tokens=int(meta.get("cached_tokens", 0) or 0),
-        completion_tokens=int(meta.get("completion_tokens", 0)),
-        finish_reason=reason,
-        matched_stop=matched,
-    )
-
-
 async def _attention_class(tm: Any) -> str | None:
-    """The attention backend class the scheduler runs, as runtime.sglang_plugin reports it
+    """The attention backend class the scheduler runs, as runtime.sglang_adapter.plugin reports it
     (None where the plugin is not loaded, e.g. on CUDA)."""
     try:
         states = await tm.get_internal_state()
@@ -114,7 +95,7 @@ async def _attention_class(tm: Any) -> str | None:
     return next((s[sglang_plugin.STATE_KEY] for s in states if sglang_plugin.STATE_KEY in s), None)
 
 
-class EmbeddedBackend(Backend):
+class EmbeddedBackend(TokenBackend):
     """sglang.Engine in this process (its scheduler and detokenizer are child processes)."""
 
     def __init__(self, cfg: Config, *, on_dead: Callable[[str], None] | None = None):
@@ -149,7 +130,7 @@ class EmbeddedBackend(Backend):
 
     async def start(self) -> None:
         from runtime.model_store import resolve_model
-        from runtime.sglang_env import prepare
+        from runtime.sglang_adapter import prepare
 
         started = time.monotonic()
         self._loop = asyncio.get_running_loop()
@@ -159,7 +140,7 @@ class EmbeddedBackend(Backend):
         kwargs = engine_kwargs(self._cfg, self.model_path)
         attention = str(kwargs.get("attention_backend") or "sglang-default")
         if self._cfg.device == "cpu":
-            # Read by runtime.sglang_plugin in the engine's processes (they inherit the environment).
+            # Read by runtime.sglang_adapter.plugin in the engine's processes (they inherit the environment).
             os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         before = _children()
@@ -223,6 +204,9 @@ class EmbeddedBackend(Backend):
     def child_pids(self) -> list[int]:
         """The engine's processes (SGLang's scheduler, detokenizer and their helpers)."""
         return sorted(self._child_pids)
+
+    def supervised(self) -> bool:
+        return True
 
     def check_alive(self) -> bool:
         """Poll the engine's processes; marks the engine dead if one of them is gone."""
@@ -296,13 +280,20 @@ class EmbeddedBackend(Backend):
         if self._engine is None:
             return None
         loads = await self._engine.tokenizer_manager.get_loads()
-        return sum(int(l.num_running_reqs) + int(l.num_waiting_reqs) for l in loads)
+        return sum(int(load.num_running_reqs) + int(load.num_waiting_reqs) for load in loads)
+
+    async def flush_cache(self) -> bool:
+        """Empty the radix cache (False while requests run: SGLang refuses then)."""
+        if self._engine is None:
+            return False
+        out = await self._engine.tokenizer_manager.flush_cache()
+        return bool(getattr(out, "success", out))
 
     async def kv_tokens_in_use(self) -> int | None:
         if self._engine is None:
             return None
         loads = await self._engine.tokenizer_manager.get_loads()
-        return sum(int(l.num_used_tokens) for l in loads)
+        return sum(int(load.num_used_tokens) for load in loads)
 
 
 def _children() -> set[int]:

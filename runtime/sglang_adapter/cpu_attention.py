@@ -17,16 +17,15 @@ Measured on the same shapes (9 query / 3 KV heads, 30 layers): extend 1,224 -> 3
 decode step over 2,000 tokens 47 -> 15 ms per request.
 
 Anything else (sliding windows, cross-attention, encoder-only layers, encoder lengths) goes to
-SGLang's implementation unchanged. The backend is installed by runtime.sglang_plugin in the
+SGLang's implementation unchanged. The backend is installed by runtime.sglang_adapter.plugin in the
 engine's own processes.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention as sdpa
-
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 # Queries per SDPA call in one extend: bounds the mask and any fallback score matrix
 # (group x QUERY_BLOCK rows x context columns) for long prompts.
@@ -76,7 +75,7 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
         kv_heads = k_cache.shape[1]
         start = 0
         for pool_idx, total, prefix, new in zip(req_pool_indices.tolist(), seq_lens.tolist(),
-                                                extend_prefix_lens.tolist(), extend_seq_lens.tolist()):
+                                                extend_prefix_lens.tolist(), extend_seq_lens.tolist(), strict=True):
             if new == 0:
                 continue
             tokens = req_to_token[pool_idx, :total]
@@ -124,7 +123,7 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
                 scaling=scaling, enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
                 sliding_window_size=sliding_window_size)
         kv_heads = k_cache.shape[1]
-        for i, (pool_idx, total) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+        for i, (pool_idx, total) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist(), strict=True)):
             tokens = req_to_token[pool_idx, :total]
             keys = k_cache[tokens].to(query.dtype).transpose(0, 1).unsqueeze(0)
             values = v_cache[tokens].to(query.dtype).transpose(0, 1).unsqueeze(0)

@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-log = logging.getLogger("runtime.sglang_env")
+log = logging.getLogger("runtime.sglang_adapter")
 
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
 
@@ -57,7 +57,7 @@ def prepare(device: str | None = None) -> dict[str, object]:
             return _prepared
         device = device or _detect_device()
         if "sglang" in sys.modules:
-            log.warning("sglang was imported before runtime.sglang_env.prepare(); CPU detection may be wrong")
+            log.warning("sglang was imported before runtime.sglang_adapter.prepare(); CPU detection may be wrong")
         # Keep SGLang's HTTP-free engine quiet about telemetry and version checks here.
         os.environ.setdefault("SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK", "1" if device == "cpu" else "0")
         if device == "cpu":

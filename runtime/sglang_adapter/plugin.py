@@ -2,13 +2,13 @@
 
 SGLang loads general plugins at the start of each of its processes (its scheduler included),
 so this is how code reaches the engine's own processes. On a CPU engine
-(SGLANG_USE_CPU_ENGINE=1, set by runtime.sglang_env.prepare) it:
+(SGLANG_USE_CPU_ENGINE=1, set by runtime.sglang_adapter.prepare) it:
 
 - replaces the `torch_native` attention backend class with
-  runtime.cpu_attention.PrefixSDPABackend, unless AGENT_RUNTIME_CPU_ATTENTION=sglang
-  (runtime.engine sets that for INFERENCE_ATTN_IMPLEMENTATION=sdpa or eager);
+  runtime.sglang_adapter.cpu_attention.PrefixSDPABackend, unless AGENT_RUNTIME_CPU_ATTENTION=sglang
+  (runtime.backends.embedded sets that for INFERENCE_ATTN_IMPLEMENTATION=sdpa or eager);
 - adds `attention_backend_class` (the class the scheduler's model runner really holds) to the
-  scheduler's internal state, which runtime.engine reads back at start and reports.
+  scheduler's internal state, which runtime.backends.embedded reads back at start and reports.
 
 Elsewhere (CUDA engines, other SGLang users of this environment) it does nothing.
 """
@@ -48,6 +48,6 @@ def load() -> None:
 
     HookRegistry.register(STATE_TARGET, _report_attention, HookType.AFTER)
     if active():
-        from runtime.cpu_attention import PrefixSDPABackend
+        from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
 
         HookRegistry.register(BACKEND_TARGET, PrefixSDPABackend, HookType.REPLACE)
