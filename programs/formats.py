@@ -13,6 +13,14 @@ agree; a test checks that the SGLang detector of each format parses this syntax 
 SmolLM2 default model among them): Hermes/Qwen2.5 style calls, compact JSON, one line each,
 `<tool_call>{"name":"f","arguments":{...}}</tool_call>`, tools described in the system message,
 tool results sent back as a user message of `<tool_response>` blocks.
+
+Reasoning formats (qwen3, qwen3-thinking, deepseek-r1) name SGLang's reasoning parser: the parser
+streams the reasoning block as ReasoningDelta (never TextDelta), and the constraint admits that
+block before the answer (`reasoning_begin` .. `reasoning_end`, required when the generation
+prompt opened it: `reasoning_forced`), with free text inside and the calls held to the schema
+after it. Families recognised but not served in their own syntax are in UNSUPPORTED_FAMILIES
+(their models get "default"); tests/test_families.py replays canitoolcall's fixtures of every
+family through this registry and keeps that list honest.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ToolFormat", "FORMATS", "format_for"]
+__all__ = ["ToolFormat", "FORMATS", "UNSUPPORTED_FAMILIES", "format_for", "unsupported_family"]
 
 COMPACT = (",", ":")
 SPACED = (", ", ": ")  # json.dumps defaults; what chat templates' `tojson` writes
@@ -54,6 +62,16 @@ class ToolFormat:
     end_of_turn: str | None = None
     # SGLang reasoning parser name for models with thinking (None: no reasoning split).
     reasoning_parser: str | None = None
+    # The generation prompt already opens the reasoning block (the output starts inside it):
+    # passed to the reasoning parser as force_reasoning (None: the parser's own default).
+    reasoning_forced: bool | None = None
+    # What the constraint lets the model write before its calls when it reasons: the block's
+    # opening text ("" when the prompt opens it) and its closing text (None: no reasoning element).
+    reasoning_begin: str = ""
+    reasoning_end: str | None = None
+    # Texts of further tokens that end the turn (besides end_of_turn and eos), e.g. harmony's
+    # <|call|>; the parser keeps them (the detector needs them) and stop_token_ids includes them.
+    stop_texts: tuple[str, ...] = ()
     # How tool results are rendered when the template has no tool role (template_tools False).
     tool_result_role: str = "user"
     tool_result_begin: str = "<tool_response>\n"
@@ -175,6 +193,56 @@ FORMATS: dict[str, ToolFormat] = {
                             "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"),
             template_markers=("<｜tool▁calls▁begin｜>",),
         ),
+        # ---- reasoning families (see the "Model families" section of README.md)
+        ToolFormat(
+            name="qwen3",  # Qwen3 hybrid thinking: <think>...</think> then Hermes-style calls
+            detector="qwen25",
+            call_begin='<tool_call>\n{"name": "{name}", "arguments": ',
+            call_end="}\n</tool_call>",
+            call_trigger="<tool_call>",
+            call_separator="\n",
+            json_separators=SPACED,
+            template_tools=True,
+            end_of_turn="<|im_end|>",
+            reasoning_parser="qwen3",
+            reasoning_forced=False,
+            reasoning_begin="<think>\n",
+            reasoning_end="</think>\n\n",
+            template_markers=("<tool_call>", "<|im_start|>", "<think>"),
+        ),
+        ToolFormat(
+            name="qwen3-thinking",  # Qwen3 Thinking-2507: the generation prompt opens <think>
+            detector="qwen25",
+            call_begin='<tool_call>\n{"name": "{name}", "arguments": ',
+            call_end="}\n</tool_call>",
+            call_trigger="<tool_call>",
+            call_separator="\n",
+            json_separators=SPACED,
+            template_tools=True,
+            end_of_turn="<|im_end|>",
+            reasoning_parser="qwen3",
+            reasoning_forced=True,
+            reasoning_end="</think>\n\n",
+            template_markers=("<tool_call>", "<|im_start|>", "<|im_start|>assistant\\n<think>\\n"),
+        ),
+        ToolFormat(
+            name="deepseek-r1",  # DeepSeek-R1: reasoning (the prompt opens <think>), then V3 calls
+            detector="deepseekv3",
+            call_begin="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+            call_end="\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+            call_trigger="<｜tool▁calls▁begin｜>",
+            call_separator="",
+            max_calls=1,
+            json_separators=SPACED,
+            template_tools=True,
+            end_of_turn="<｜end▁of▁sentence｜>",
+            reasoning_parser="deepseek-r1",
+            reasoning_forced=True,
+            reasoning_end="</think>\n\n",
+            atomic_markers=("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
+                            "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"),
+            template_markers=("<｜tool▁calls▁begin｜>", "<think>"),
+        ),
         ToolFormat(
             name="pythonic",
             detector="pythonic",
@@ -187,7 +255,28 @@ FORMATS: dict[str, ToolFormat] = {
 }
 
 # Detection order: the most specific markers first; "default" is the fallback.
-_DETECTION_ORDER = ("deepseekv3", "mistral", "llama3", "pythonic", "qwen25", "hermes")
+_DETECTION_ORDER = ("deepseek-r1", "deepseekv3", "mistral", "llama3", "pythonic", "qwen3-thinking", "qwen3", "qwen25", "hermes")
+
+# Families recognised from their chat templates but not served in their own syntax: replayed
+# through SGLang's detectors, canitoolcall's fixtures of these families do not all parse (tests/
+# test_families.py keeps the measurement), so their models get the "default" format (this
+# project's tools block and call syntax, fully constrained) instead of being half-parsed.
+# Checked before the supported families: their templates also hold e.g. <tool_call>.
+UNSUPPORTED_FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
+    "qwen3-coder": (("<function=", "<parameter="),
+                    "Qwen3-Coder XML calls: SGLang's qwen3_coder detector ends a parameter at a '</parameter>' or "
+                    "'</function>' inside its value"),
+    "gpt-oss": (("<|channel|>", "<|call|>"),
+                "harmony: SGLang's gpt-oss reasoning parser, fed the stream, keeps the commentary/final messages "
+                "in the reasoning"),
+    "glm": (("<arg_key>", "<arg_value>"),
+            "GLM-4.5/4.7 key/value calls: SGLang's glm45/glm47 detectors end a value at a marker inside it and drop "
+            "text after a call"),
+    "kimi": (("<|tool_calls_section_begin|>",),
+             "Kimi K2: SGLang's kimi_k2 detector ends the arguments at a '<|tool_call_end|>' inside a JSON string"),
+    "gemma4": (("<|tool_call>",), "Gemma 4: no format here"),
+    "deepseek-v3.1+": (("DSML",), "DeepSeek V3.2/V4 DSML calls: no format here"),
+}
 
 
 def _chat_template(tokenizer: Any, model_path: str | None) -> str | None:
@@ -211,8 +300,19 @@ def format_for(tokenizer: Any, model_path: str | None = None) -> ToolFormat:
     template = _chat_template(tokenizer, model_path)
     if not template or "tools" not in template:
         return FORMATS["default"]
+    if unsupported_family(template) is not None:
+        return FORMATS["default"]
     for name in _DETECTION_ORDER:
         fmt = FORMATS[name]
         if all(marker in template for marker in fmt.template_markers):
             return fmt
     return FORMATS["default"]
+
+
+def unsupported_family(template: str) -> str | None:
+    """The name of an unsupported family whose markers the chat template holds (see
+    UNSUPPORTED_FAMILIES), or None."""
+    for name, (markers, _reason) in UNSUPPORTED_FAMILIES.items():
+        if all(marker in template for marker in markers):
+            return name
+    return None

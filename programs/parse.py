@@ -109,13 +109,21 @@ class StreamParser:
         self._n_ok = 0
         self._ws_after_call = ""
         self._finished = False
+        # Reasoning comes first: once the answer has begun (non-whitespace normal text), a
+        # "<think>" inside it (a tool argument, say) is answer text, not a new reasoning block.
+        self._answer_started = False
+        # Formats whose calls can only open the message (text_before_calls False): the text is
+        # held until it shows whether it starts with a call; if not, the detector never sees it
+        # (llama3's detector would take any leading JSON object for a call).
+        self._lead = "" if (not fmt.text_before_calls and fmt.call_trigger) else None
         self._marker_hold = ""
         markers = sorted(fmt.atomic_markers, key=len, reverse=True)
         self._markers = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None
         if fmt.reasoning_parser:
             from sglang.srt.parser.reasoning_parser import ReasoningParser
 
-            self._reasoning = ReasoningParser(fmt.reasoning_parser, stream_reasoning=True)
+            self._reasoning = ReasoningParser(fmt.reasoning_parser, stream_reasoning=True,
+                                              force_reasoning=fmt.reasoning_forced)
         if program.calls_possible and fmt.detector:
             from sglang.srt.function_call.function_call_parser import FunctionCallParser
 
@@ -140,8 +148,10 @@ class StreamParser:
             if normal:
                 events += self._normal(normal)
         if self._fcp is None:
-            return events
+            return events + self._required_check()
         events += self._normal("", final=True)
+        if self._fcp is None:  # the held lead turned out to be text
+            return events + self._required_check()
         with _sglang_parse_errors_quiet():
             text, calls = self._fcp.parse_stream_end()
         events += self._detector_output(text, calls)
@@ -149,9 +159,12 @@ class StreamParser:
         for index, call in sorted(self._calls.items()):
             if index not in self._emitted and not call.done:
                 events.append(InvalidOutput(f"tool call {index} ({call.name or 'unnamed'}) is incomplete: {call.args!r}"))
+        return events + self._required_check()
+
+    def _required_check(self) -> list[Event]:
         if self.program.mode in ("required", "named") and self._n_ok == 0:
-            events.append(InvalidOutput(f"tool_choice {self.program.mode!r} but the output holds no valid call"))
-        return events
+            return [InvalidOutput(f"tool_choice {self.program.mode!r} but the output holds no valid call")]
+        return []
 
     # ------------------------------------------------------------------ stages
     def _after_eot(self, delta: str, *, final: bool) -> list[Event]:
@@ -169,15 +182,48 @@ class StreamParser:
                     break
         if not text:
             return []
-        if self._reasoning is None:
+        if self._reasoning is None or self._answer_started:
             return self._normal(text)
-        reasoning, normal = self._reasoning.parse_stream_chunk(text)
-        events: list[Event] = [ReasoningDelta(reasoning)] if reasoning else []
-        if normal:
-            events += self._normal(normal)
+        # Like the tool-call detectors, SGLang's reasoning detectors are written for token-sized
+        # pieces: fed one character at a time (special-token markers whole) their split does not
+        # depend on the chunking. Consecutive pieces of one kind are passed on together.
+        events: list[Event] = []
+        reasoning_run, normal_run = "", ""
+        pieces = self._pieces(text)
+        for i, piece in enumerate(pieces):
+            if self._answer_started:
+                normal_run += "".join(pieces[i:])
+                break
+            reasoning, normal = self._reasoning.parse_stream_chunk(piece)
+            if reasoning:
+                if normal_run:
+                    events += self._normal(normal_run)
+                    normal_run = ""
+                reasoning_run += reasoning
+            if normal:
+                if reasoning_run:
+                    events.append(ReasoningDelta(reasoning_run))
+                    reasoning_run = ""
+                normal_run += normal
+                if normal.strip():
+                    self._answer_started = True
+        if reasoning_run:
+            events.append(ReasoningDelta(reasoning_run))
+        if normal_run:
+            events += self._normal(normal_run)
         return events
 
     def _normal(self, text: str, *, final: bool = False) -> list[Event]:
+        if self._lead is not None and self._fcp is not None:
+            text, self._lead = self._lead + text, ""
+            starts = (self.program.fmt.call_trigger or "",) + self.program.fmt.atomic_markers
+            head = text.lstrip()
+            if not final and any(m.startswith(head) for m in starts):
+                self._lead = text  # still undecided
+                return []
+            self._lead = None
+            if not any(head.startswith(m) for m in starts):
+                self._fcp = None  # the message opens with text: it holds no call (see __init__)
         self._raw += text
         if self._fcp is None:
             return [TextDelta(text)] if text else []

@@ -74,7 +74,14 @@ def arguments_grammar(parameters_json: str, separators: tuple[str, str]) -> str:
     import xgrammar
 
     grammar = xgrammar.Grammar.from_json_schema(parameters_json, any_whitespace=False, separators=separators)
-    return str(grammar)
+    ebnf = str(grammar)
+    # xgrammar 0.2.7 writes values without a schema (no type/items/properties) with ", " between
+    # items whatever the separators ({"a":1, "b":2}): held to the format's item separator, so
+    # generated arguments read like their canonical rendering (measured by tests/test_schema_suite.py).
+    item = json.dumps(separators[0])
+    for rule in ("basic_array_items", "basic_object_properties"):
+        ebnf = ebnf.replace(f'{rule} ::= ((", " ', f"{rule} ::= (({item} ")
+    return ebnf
 
 
 class ToolProgram:
@@ -126,7 +133,20 @@ class ToolProgram:
                 turn = {"type": "or", "elements": [text, calls]}
         else:
             turn = calls
+        reasoning = self._reasoning()
+        if reasoning is not None:
+            turn = {"type": "sequence", "elements": [reasoning, turn]}
         return {"type": "structural_tag", "format": turn}
+
+    def _reasoning(self) -> dict | None:
+        """The reasoning block the model may write before its answer (required when the
+        generation prompt already opened it): free text up to the format's closing text. In
+        `auto` mode a hybrid model may also answer without it."""
+        fmt = self.fmt
+        if fmt.reasoning_end is None:
+            return None
+        block = {"type": "tag", "begin": fmt.reasoning_begin, "content": {"type": "any_text"}, "end": fmt.reasoning_end}
+        return block if fmt.reasoning_forced else {"type": "optional", "content": block}
 
     def constraint(self) -> Constraint | None:
         """The turn's decoding constraint, or None when unconstrained."""

@@ -59,6 +59,10 @@ class Renderer:
     def stop_token_ids(self) -> list[int]:
         """Token ids that end an assistant turn (the end-of-turn token, plus the tokenizer's eos)."""
         ids = list(self.end_of_turn_ids) if len(self.end_of_turn_ids) == 1 else []
+        for text in self.fmt.stop_texts:  # further single-token stops of the format (kept in the output)
+            extra = self._encode(text)
+            if len(extra) == 1 and extra[0] not in ids:
+                ids.append(extra[0])
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if isinstance(eos, int) and eos not in ids:
             ids.append(eos)
