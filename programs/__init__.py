@@ -13,6 +13,7 @@ first: runtime.sglang_adapter.prepare).
 """
 
 from programs.formats import FORMATS, ToolFormat, format_for
+from programs.keywords import MAX_BRANCHES
 from programs.parse import Event, InvalidOutput, ReasoningDelta, StreamParser, TextDelta, ToolCallEvent
 from programs.program import Constraint, ToolProgram, normalize_tool_choice
 from programs.render import Renderer, RenderError
@@ -23,5 +24,5 @@ __all__ = [
     "Event", "InvalidOutput", "ReasoningDelta", "StreamParser", "TextDelta", "ToolCallEvent",
     "Constraint", "ToolProgram", "normalize_tool_choice",
     "Renderer", "RenderError",
-    "ToolSchemaError", "canonical_tools", "check_tools", "validate_arguments",
+    "MAX_BRANCHES", "ToolSchemaError", "canonical_tools", "check_tools", "validate_arguments",
 ]

@@ -334,7 +334,36 @@ def _check_subschema(name: str, sub: dict, pointer: str, in_place: bool = False)
                     refuse(kw, f"{kw} value {v!r} is not of the declared type; xgrammar would let it through")
 
 
-def check_parameters(name: str, params: Any) -> None:
+MAX_BRANCHES = 64  # default bound on the branches of one anyOf / oneOf / allOf
+
+
+def _too_many_branches(value: Any, max_branches: int, pointer: str = "#") -> tuple[str, str, int] | None:
+    """The first anyOf/oneOf/allOf with more than `max_branches` branches: (keyword, pointer, n).
+    Linear in the schema's size: it runs before any check whose cost grows faster."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in ("anyOf", "oneOf", "allOf") and isinstance(item, list) and len(item) > max_branches:
+                return key, f"{pointer}/{key}", len(item)
+            found = _too_many_branches(item, max_branches, f"{pointer}/{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _too_many_branches(item, max_branches, f"{pointer}/{i}")
+            if found:
+                return found
+    return None
+
+
+def check_parameters(name: str, params: Any, *, max_branches: int = MAX_BRANCHES) -> None:
+    """Refuse `params` unless the grammar holds it (ToolSchemaError names the keyword and pointer).
+    Bounded first: more than `max_branches` branches in one anyOf/oneOf/allOf is refused before
+    the checks whose cost grows with the branches (oneOf disjointness compares every pair)."""
+    too_many = _too_many_branches(params, max_branches)
+    if too_many:
+        keyword, pointer, n = too_many
+        raise ToolSchemaError(name, f"{keyword} has {n} branches; at most {max_branches} are accepted "
+                              "(limits.max_schema_branches)", pointer=pointer)
     try:
         jsonschema.Draft202012Validator.check_schema(params)
     except jsonschema.SchemaError as exc:

@@ -119,6 +119,17 @@ class StreamParser:
         self._marker_hold = ""
         markers = sorted(fmt.atomic_markers, key=len, reverse=True)
         self._markers = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None
+        # Characters where a detector's state can change: JSON structure, escapes, line breaks and
+        # the first character of every marker and trigger. A run of other characters can neither
+        # begin nor end anything, so it is fed as one piece: fed one character at a time, a long
+        # argument cost time quadratic in its length (SGLang's detectors re-parse their whole
+        # buffer on every feed).
+        firsts = {m[0] for m in (*fmt.atomic_markers, fmt.call_trigger or "", fmt.reasoning_begin or "",
+                                 fmt.reasoning_end or "") if m}
+        special = "".join(re.escape(c) for c in sorted(set('{}[]":,\\\n<>') | firsts))
+        self._runs = re.compile(f"[{special}]|[^{special}]+")
+        self._special = re.compile(f"[{special}]")
+        self._run_hold = ""  # a run inside a call, fed with what follows it
         if fmt.reasoning_parser:
             from sglang.srt.parser.reasoning_parser import ReasoningParser
 
@@ -165,6 +176,21 @@ class StreamParser:
         if self.program.mode in ("required", "named") and self._n_ok == 0:
             return [InvalidOutput(f"tool_choice {self.program.mode!r} but the output holds no valid call")]
         return []
+
+    def holding(self) -> bool:
+        """True while the parser holds output text it has passed on neither as text nor as a
+        complete call: a partial end-of-turn text or marker, an undecided lead, a call in
+        progress, a detector's buffer. (Whitespace after a call is not held: it is a separator,
+        dropped by design.) What a caller may keep of a stopped turn is what came before."""
+        if self._hold or self._marker_hold or self._lead or self._run_hold:
+            return True
+        if any(not c.done and i not in self._emitted for i, c in self._calls.items()):
+            return True
+        for part in (self._fcp, self._reasoning):
+            detector = getattr(part, "detector", None)
+            if detector is not None and getattr(detector, "_buffer", None):
+                return True
+        return False
 
     # ------------------------------------------------------------------ stages
     def _after_eot(self, delta: str, *, final: bool) -> list[Event]:
@@ -238,24 +264,39 @@ class StreamParser:
                     break
         # SGLang's detectors advance one step per call and are written for token-sized pieces:
         # given a larger chunk, some leave part of it in their buffer or leak a closing tag as
-        # text. Feeding them one character at a time (special-token markers whole, as the
-        # engine emits them) makes the result independent of how the output was chunked.
+        # text. Feeding them one piece at a time (a structural character, a special-token marker
+        # whole, or a run of other characters) makes the result independent of how the output
+        # was chunked. Inside a call, a trailing run is kept until what follows it arrives, so a
+        # long argument is fed in a few pieces, not one per token (each feed re-parses the
+        # detector's whole buffer).
+        text, self._run_hold = self._run_hold + text, ""
+        pieces = self._pieces(text)
+        if not final and pieces and self._plain(pieces[-1]) and self._in_call():
+            self._run_hold = pieces.pop()
         events: list[Event] = []
-        for piece in self._pieces(text):
+        for piece in pieces:
             out_text, calls = self._fcp.parse_stream_chunk(piece)
             if out_text or calls:
                 events += self._detector_output(out_text, calls)
         return self._merge_text(events)
 
+    def _plain(self, piece: str) -> bool:
+        return piece not in self.program.fmt.atomic_markers and not self._special.fullmatch(piece)
+
+    def _in_call(self) -> bool:
+        """The detector holds the start of a call (its buffer is the call so far)."""
+        detector = getattr(self._fcp, "detector", None)
+        return bool(getattr(detector, "_buffer", ""))
+
     def _pieces(self, text: str) -> list[str]:
         if self._markers is None:
-            return list(text)
+            return self._runs.findall(text)
         pieces: list[str] = []
         for part in self._markers.split(text):
             if part in self.program.fmt.atomic_markers:
                 pieces.append(part)
             else:
-                pieces.extend(part)
+                pieces.extend(self._runs.findall(part))
         return pieces
 
     @staticmethod

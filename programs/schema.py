@@ -20,7 +20,7 @@ from typing import Any
 
 import jsonschema
 
-from programs.keywords import _EMPTY_PARAMETERS, UNSUPPORTED_KEYWORDS, ToolSchemaError, check_parameters
+from programs.keywords import _EMPTY_PARAMETERS, MAX_BRANCHES, UNSUPPORTED_KEYWORDS, ToolSchemaError, check_parameters
 
 __all__ = ["ToolSchemaError", "check_tools", "canonical_tools", "validate_arguments", "UNSUPPORTED_KEYWORDS"]
 
@@ -61,7 +61,7 @@ def tools_json(tools: list[dict]) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def check_tools(tools: list[dict] | None) -> list[dict]:
+def check_tools(tools: list[dict] | None, *, max_branches: int = MAX_BRANCHES) -> list[dict]:
     """Validate tools in the OpenAI shape and return them in canonical form (see canonical_tools).
 
     Raises ToolSchemaError: malformed tool, duplicate name, invalid JSON Schema (keyword None),
@@ -88,7 +88,7 @@ def check_tools(tools: list[dict] | None) -> list[dict]:
         if desc is not None and not isinstance(desc, str):
             raise ToolSchemaError(name, "function.description must be a string")
         if fn.get("parameters") is not None:
-            check_parameters(name, fn["parameters"])
+            check_parameters(name, fn["parameters"], max_branches=max_branches)
     return canonical_tools(tools)
 
 

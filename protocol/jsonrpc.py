@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from . import models as m
 from .errors import InvalidParams, InvalidRequest, MethodNotFound, ParseError, RpcError, invalid_params
 
 JsonId = str | int | float | None
+DEFAULT_MAX_ID_CHARS = 256  # INFERENCE_MAX_ID_CHARS's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +160,28 @@ def _valid_id(value: Any) -> bool:
     return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
 
 
-def _check_request(obj: Any) -> Call | dict[str, Any] | None:
+def id_too_long(value: Any, max_id_chars: int) -> bool:
+    """A string id longer than `max_id_chars` characters, or an integer id of more digits.
+
+    Ids are echoed in every response and, for `generate`, in every notification: an unbounded id
+    would multiply the size of everything the server sends for that request."""
+    if isinstance(value, str):
+        return len(value) > max_id_chars
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() > 3 * max_id_chars and len(str(abs(value))) > max_id_chars
+    return False
+
+
+def _check_request(obj: Any, max_id_chars: int = DEFAULT_MAX_ID_CHARS) -> Call | dict[str, Any] | None:
     """One element: a Call, a ready error response, or None (a notification to drop)."""
     if not isinstance(obj, dict):
         return error_response(None, InvalidRequest(data={"reason": "a request must be a JSON object"}))
     has_id = "id" in obj
     rid = obj.get("id")
+    if id_too_long(rid, max_id_chars):
+        # Answered (it is a request), with id null: echoing the id is what the limit prevents.
+        return error_response(None, InvalidRequest(data={
+            "reason": f'the "id" member is longer than {max_id_chars} characters', "max_id_chars": max_id_chars}))
     reply_id = rid if _valid_id(rid) else None
     problem = None
     if obj.get("jsonrpc") != "2.0":
@@ -189,11 +207,12 @@ def _check_request(obj: Any) -> Call | dict[str, Any] | None:
     return Call(method=method, params=obj.get("params"), id=rid, is_notification=not has_id)
 
 
-def parse_frame(text: str, *, max_batch: int, max_depth: int = 64) -> Frame:
+def parse_frame(text: str, *, max_batch: int, max_depth: int = 64, max_id_chars: int = DEFAULT_MAX_ID_CHARS) -> Frame:
     """Decode and check one frame's envelope. Never raises for any input string.
 
     Parse errors, nesting deeper than `max_depth`, an empty batch and a batch longer than
-    `max_batch` give `Frame.error` (id null). Params are not validated here: see bind_params.
+    `max_batch` give `Frame.error` (id null). An id longer than `max_id_chars` is that element's
+    -32600 with id null (`data.max_id_chars`). Params are not validated here: see bind_params.
     """
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
@@ -206,21 +225,23 @@ def parse_frame(text: str, *, max_batch: int, max_depth: int = 64) -> Frame:
         return Frame(error=error_response(None, InvalidRequest(
             data={"reason": f"JSON nested deeper than {max_depth} levels", "max_depth": max_depth})))
     if not isinstance(value, list):
-        entry = _check_request(value)
+        entry = _check_request(value, max_id_chars)
         return Frame(entries=() if entry is None else (entry,))
     if not value:
         return Frame(error=error_response(None, InvalidRequest(data={"reason": "empty batch"})))
     if len(value) > max_batch:
         return Frame(error=error_response(None, InvalidRequest(data={
             "reason": f"batch of {len(value)} calls exceeds the limit of {max_batch}", "max_batch": max_batch})))
-    entries = tuple(e for e in map(_check_request, value) if e is not None)
+    entries = tuple(e for e in (_check_request(v, max_id_chars) for v in value) if e is not None)
     return Frame(entries=entries, is_batch=True)
 
 
-def bind_params(call: Call) -> BaseModel:
+def bind_params(call: Call, *, limits: m.RequestLimits | None = None) -> BaseModel:
     """Validate `call.params` against its method's params model; raise RpcError if they do not fit.
 
     Params must be named (an object); an array is -32602, except `[]` for methods without params.
+    `limits`: the server's configured request limits (models.RequestLimits; defaults when None),
+    which the models' validators read from the validation context.
     """
     spec = METHODS.get(call.method)
     if spec is None:
@@ -232,7 +253,7 @@ def bind_params(call: Call) -> BaseModel:
         reason = "params must be an object of named members; by-position (array) params are not accepted"
         raise InvalidParams(f"Invalid params: {reason}", {"errors": [{"field": "", "message": reason}]})
     try:
-        return spec.params.model_validate(params)
+        return spec.params.model_validate(params, context={"limits": limits or m.RequestLimits()})
     except ValidationError as exc:
         raise invalid_params(exc) from None
 
@@ -240,7 +261,25 @@ def bind_params(call: Call) -> BaseModel:
 # --------------------------------------------------------------------------- encoding
 
 
+class RawJSON:
+    """JSON text encoded once and spliced as is by `encode`: a large result served unchanged to
+    every caller (rpc.discover's document) costs no per-call copy and no per-call encoding."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+# encode() puts this string where a RawJSON goes, then replaces it; the nonce keeps client text
+# from ever matching it.
+_RAW_MARK = f"\x00raw-json-{uuid.uuid4().hex}\x00"
+_RAW_MARK_ENCODED = json.dumps(_RAW_MARK)
+
+
 def _dump(value: Any) -> Any:
+    if isinstance(value, RawJSON):
+        return value
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
@@ -265,9 +304,23 @@ def encode(obj: Any) -> str:
     Non-ASCII is written as is (smaller frames) unless a string holds a lone surrogate (JSON
     input may carry one as \\ud800), which UTF-8 cannot encode; then everything is escaped.
     """
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    raws: list[str] = []
+
+    def raw(value: Any) -> Any:
+        if isinstance(value, RawJSON):
+            raws.append(value.text)
+            return _RAW_MARK
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=raw)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        raws.clear()
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=raw)
+    if raws:
+        parts = text.split(_RAW_MARK_ENCODED)
+        if len(parts) != len(raws) + 1:  # cannot happen (the nonce); never splice ambiguously
+            raise ValueError("encode: raw JSON placeholder mismatch")
+        text = "".join(p + r for p, r in zip(parts, raws, strict=False)) + parts[-1]
     return text

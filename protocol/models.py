@@ -16,68 +16,43 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
+    AfterValidator,
     Field,
     RootModel,
-    SerializerFunctionWrapHandler,
-    ValidationError,
     ValidationInfo,
-    WrapValidator,
     field_validator,
-    model_serializer,
 )
-from pydantic_core import PydanticCustomError
 
-from .errors import InvalidParams, RpcError
-
-PROTOCOL_VERSION: Literal[1] = 1
-TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
-MAX_STOP_SEQUENCES = 16
-EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
-
-
-def _fail(message: str) -> PydanticCustomError:
-    # A custom error keeps the message as written (a ValueError would be prefixed "Value error, ").
-    return PydanticCustomError("invalid", message)
-
-
-def _one_error(expected: str) -> WrapValidator:
-    """Collapse a union's per-member errors into one error that names the field.
-
-    Without it pydantic reports each member separately under locations such as
-    `request_id.str` and `request_id.int`, which are not fields a client can find.
-    """
-
-    def validate(value: Any, handler: Any) -> Any:
-        try:
-            return handler(value)
-        except ValidationError:
-            raise _fail(f"must be {expected}") from None
-
-    return WrapValidator(validate)
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+from .errors import InvalidParams
+from .events import ErrorObject, FunctionCallRequest, ReasoningChunk, StreamEnd, TextChunk, Timings, Usage
+from .fields import (
+    EMPTY_PARAMETERS,
+    MAX_STOP_SEQUENCES,
+    PROTOCOL_VERSION,
+    TOOL_NAME_PATTERN,
+    FinishReason,
+    RequestId,
+    RequestLimits,
+    Text,
+    _fail,
+    _limits,
+    _one_error,
+    _Params,
+    _unicode_json,
+    _unicode_text,
+    _Wire,
+)
 
 # --------------------------------------------------------------------------- shared types
 
-RequestId = Annotated[str | int, _one_error("a string or an integer (the generate's JSON-RPC id)")]
 ToolName = Annotated[str, Field(pattern=TOOL_NAME_PATTERN, description="^[a-zA-Z0-9_-]{1,64}$")]
-Id = Annotated[str, Field(min_length=1, max_length=256)]
-FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
+Id = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_unicode_text)]
 Role = Literal["system", "user", "assistant", "tool"]
 
 
 class FunctionDefinition(_Params):
     name: ToolName
-    description: str | None = None
+    description: Text | None = None
     parameters: dict[str, Any] = Field(
         default_factory=lambda: dict(EMPTY_PARAMETERS),
         description="JSON Schema of the arguments object. Default: an object with no properties.",
@@ -92,7 +67,7 @@ class FunctionDefinition(_Params):
         # Arguments reach the client as a JSON object, so the schema must describe one.
         if "type" in value and value["type"] != "object":
             raise _fail('must describe a JSON object: "type" must be "object"')
-        return value
+        return _unicode_json(value)
 
 
 class Tool(_Params):
@@ -117,12 +92,12 @@ class ToolCall(_Params):
 
     call_id: Id
     name: ToolName
-    arguments: dict[str, Any]
+    arguments: Annotated[dict[str, Any], AfterValidator(_unicode_json)]
 
 
 class HistoryMessage(_Params):
     role: Role
-    content: str | None = Field(
+    content: Text | None = Field(
         default=None, validate_default=True,
         description="Required for system, user and tool; may be null for an assistant that called tools.",
     )
@@ -201,7 +176,7 @@ def _tool_choice_problem(tool_choice: str | ToolChoiceFunction, tools: Sequence[
 
 
 class SessionOpenParams(_Params):
-    system_prompt: str | None = None
+    system_prompt: Text | None = None
     tools: list[Tool] | None = None
 
     @field_validator("tools")
@@ -224,15 +199,26 @@ class GenerateRequestParams(_Params):
         description="With session_id: only this turn's new messages (user, or tool results for the "
         "last turn's calls). Without: the whole history.",
     )
-    system_prompt: str | None = Field(default=None, validate_default=True, description="Stateless only.")
+    system_prompt: Text | None = Field(default=None, validate_default=True, description="Stateless only.")
     tools: list[Tool] | None = Field(default=None, validate_default=True, description="Stateless only.")
     tool_choice: ToolChoice = Field(default="auto", validate_default=True)
     parallel_tool_calls: bool = True
     max_tokens: int | None = Field(default=None, ge=1, description="Default and cap: see server.info limits.")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    stop: list[Annotated[str, Field(min_length=1), AfterValidator(_unicode_text)]] | None = Field(
+        default=None, description="At most limits.max_stop_sequences strings (default 16), each of at most "
+        "limits.max_stop_chars characters (default 128).")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _message_count(cls, value: Any, info: ValidationInfo) -> Any:
+        # Before the messages are validated one by one: a huge list is refused at its length.
+        limit = _limits(info).max_messages
+        if isinstance(value, list) and len(value) > limit:
+            raise _fail(f"{len(value)} messages: at most {limit} in one request (limits.max_messages)")
+        return value
 
     @field_validator("messages")
     @classmethod
@@ -270,6 +256,21 @@ class GenerateRequestParams(_Params):
             raise _fail("come from the session; do not send them with session_id")
         return _unique_tool_names(value)
 
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        # SGLang matches every stop string against the output's tail on every decode step, in
+        # the scheduler all clients share: their number and length are bounded.
+        if value is None:
+            return value
+        limits = _limits(info)
+        if len(value) > limits.max_stop_sequences:
+            raise _fail(f"{len(value)} stop sequences: at most {limits.max_stop_sequences} (limits.max_stop_sequences)")
+        for i, s in enumerate(value):
+            if len(s) > limits.max_stop_chars:
+                raise _fail(f"stop.{i} has {len(s)} characters: at most {limits.max_stop_chars} (limits.max_stop_chars)")
+        return value
+
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
@@ -279,17 +280,6 @@ class GenerateRequestParams(_Params):
             if message is not None:
                 raise _fail(message)
         return value
-
-
-class Usage(_Wire):
-    prompt_tokens: int = Field(ge=0)
-    cached_tokens: int = Field(ge=0, description="Prompt tokens the prefix cache served; 0 included.")
-    completion_tokens: int = Field(ge=0)
-
-
-class Timings(_Wire):
-    ttft_ms: float | None = Field(ge=0.0, description="Time to first token; null when none was produced.")
-    total_ms: float = Field(ge=0.0)
 
 
 class GenerateResult(_Wire):
@@ -333,81 +323,8 @@ class DiscoverResult(RootModel[dict[str, Any]]):
     """An OpenRPC 1.2.6 document (see protocol.openrpc)."""
 
 
-# --------------------------------------------------------------------------- notifications
-
-
-class TextChunk(_Wire):
-    request_id: RequestId
-    text: str
-
-
-class ReasoningChunk(_Wire):
-    request_id: RequestId
-    text: str
-
-
-class FunctionCallRequest(_Wire):
-    request_id: RequestId
-    call_id: str
-    name: str
-    arguments: dict[str, Any]
-
-
-def _omit_if_none(key: str, data: dict[str, Any]) -> dict[str, Any]:
-    if data.get(key) is None:
-        data.pop(key, None)
-    return data
-
-
-class ErrorObject(_Wire):
-    """The JSON-RPC error object, as carried by stream_end; `data` is omitted when absent."""
-
-    code: int
-    message: str
-    data: Any = None
-
-    # Serializers below are left without a return annotation on purpose: pydantic would take an
-    # annotation as the serialized schema and the OpenRPC document would lose the fields.
-    @model_serializer(mode="wrap")
-    def _omit_absent_data(self, handler: SerializerFunctionWrapHandler):
-        return _omit_if_none("data", handler(self))
-
-
-class StreamEnd(_Wire):
-    """The last notification of a generate; `error` is present exactly when finish_reason is "error"."""
-
-    request_id: RequestId
-    finish_reason: FinishReason
-    usage: Usage
-    timings: Timings
-    error: ErrorObject | None = Field(default=None, validate_default=True)
-
-    @field_validator("error")
-    @classmethod
-    def _error_iff_error(cls, value: ErrorObject | None, info: ValidationInfo) -> ErrorObject | None:
-        reason = info.data.get("finish_reason")
-        if reason is not None and (value is not None) != (reason == "error"):
-            raise _fail('present exactly when finish_reason is "error"')
-        return value
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_error(self, handler: SerializerFunctionWrapHandler):
-        return _omit_if_none("error", handler(self))
-
-    @classmethod
-    def for_error(cls, request_id: str | int, error: RpcError, *, total_ms: float,
-                  usage: Usage | None = None, ttft_ms: float | None = None) -> StreamEnd:
-        """The stream_end that precedes the JSON-RPC error response of a failed generate."""
-        return cls(
-            request_id=request_id, finish_reason="error",
-            usage=usage or Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=0),
-            timings=Timings(ttft_ms=ttft_ms, total_ms=total_ms),
-            error=ErrorObject(**error.to_error()),
-        )
-
-
 __all__ = [
-    "PROTOCOL_VERSION", "TOOL_NAME_PATTERN", "MAX_STOP_SEQUENCES", "EMPTY_PARAMETERS",
+    "PROTOCOL_VERSION", "TOOL_NAME_PATTERN", "MAX_STOP_SEQUENCES", "RequestLimits", "EMPTY_PARAMETERS",
     "RequestId", "FinishReason", "Role", "ToolChoice",
     "FunctionDefinition", "Tool", "ToolCall", "HistoryMessage", "ToolChoiceName", "ToolChoiceFunction",
     "check_tool_choice",

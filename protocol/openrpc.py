@@ -8,6 +8,7 @@ extension member "x-notifications" in the same shape as methods (without a resul
 from __future__ import annotations
 
 import copy
+import json
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -91,3 +92,10 @@ def _document() -> dict[str, Any]:
 def openrpc_document() -> dict[str, Any]:
     """The OpenRPC document (a fresh copy: callers may mutate it, e.g. to add "servers")."""
     return copy.deepcopy(_document())
+
+
+@lru_cache(maxsize=1)
+def openrpc_json() -> str:
+    """The OpenRPC document as compact JSON text, encoded once: what `rpc.discover` serves (as
+    jsonrpc.RawJSON), so a flood of discover calls costs neither a copy nor an encoding each."""
+    return json.dumps(_document(), separators=(",", ":"), ensure_ascii=False, allow_nan=False)

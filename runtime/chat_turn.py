@@ -3,7 +3,8 @@
 Such a backend takes OpenAI chat messages: the server's chat template renders them and its
 tool parser finds the calls. Same contract as runtime.turn.run_token_turn: one TurnOutcome,
 events through `emit`, every call validated against its tool's schema before it is emitted,
-backend errors translated by runtime.turn.drive.
+calls held until the turn is known not to fail (runtime.turn.Delivery), backend errors
+translated by runtime.turn.drive.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from programs import validate_arguments
 from runtime.backends.base import ChatBackend, ChatRequest, ChatUpdate
 from runtime.metrics import METRICS
-from runtime.turn import Emit, InvalidModelOutput, TurnOutcome, drive, emit_call, random_call_id
+from runtime.turn import Delivery, Emit, InvalidModelOutput, TurnOutcome, checked_call, drive, random_call_id
 
 log = logging.getLogger("runtime.chat_turn")
 
@@ -72,17 +73,18 @@ async def run_chat_turn(
     out = TurnOutcome()
     finish: list[str | None] = [None]
     first: list[float] = []
+    delivery = Delivery(out, emit)
+    n_calls = [0]
 
     async def on_update(u: ChatUpdate) -> None:
         if not first and (u.text or u.reasoning or u.tool_calls):
             first.append(time.perf_counter())
         if u.reasoning:
-            await emit("reasoning_chunk", {"text": u.reasoning})
+            delivery.add("reasoning_chunk", {"text": u.reasoning})
         if u.text:
-            out.text += u.text
-            await emit("text_chunk", {"text": u.text})
+            delivery.add("text_chunk", {"text": u.text})
         for c in u.tool_calls:
-            if out.tool_calls and not request.parallel_tool_calls:
+            if n_calls[0] and not request.parallel_tool_calls:
                 break  # the server ignored parallel_tool_calls=false: the first call stands
             try:
                 arguments = json.loads(c.arguments or "{}")
@@ -97,19 +99,24 @@ async def run_chat_turn(
             if problems:
                 METRICS.invalid_calls.inc()
                 raise InvalidModelOutput(f"the model produced an invalid call of {c.name!r}: {'; '.join(problems[:3])}")
-            await emit_call(c.name, arguments, tools, out, emit, new_call_id)
+            delivery.add("function_call_request", checked_call(c.name, arguments, tools, new_call_id))
+            n_calls[0] += 1
         if u.prompt_tokens is not None:
             out.prompt_tokens, out.cached_tokens = int(u.prompt_tokens), int(u.cached_tokens)
         if u.completion_tokens is not None:
             out.completion_tokens = int(u.completion_tokens)
         if u.finish_reason is not None:
             finish[0] = "length" if u.finish_reason == "length" else "stop"
+        await delivery.send()  # text goes at once; a call (and what follows it) waits for the end
 
     async def pump() -> None:
         async for u in backend.chat(request):
             await on_update(u)
+        await delivery.send(final=True)  # the stream ended without fault: the calls go
 
     await drive(pump, out, cancelled, lambda: finish[0])
+    if out.finish_reason == "cancelled":
+        await delivery.send(final=True)  # a cancelled turn is kept with the calls it completed
     out.ttft_ms = (first[0] - started) * 1000 if first else None
     out.total_ms = (time.perf_counter() - started) * 1000
     METRICS.observe_turn(out)

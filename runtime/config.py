@@ -159,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", _int(minimum=1, maximum=65535), "8000", "TCP port of the HTTP/WebSocket server.", "server"),
     Setting("api_key", _optional_str, "", "When set, the WebSocket handshake needs 'Authorization: Bearer <key>'.", "server"),
     Setting("allow_insecure_bind", _bool, "false", "Allow binding a non-loopback address without an API key.", "server"),
-    Setting("allowed_origins", _origins, "", "Comma-separated Origin allow-list for WebSocket handshakes. Empty: any Origin (or none).", "server"),
+    Setting("allowed_origins", _origins, "", "Comma-separated Origins (e.g. https://app.example) whose web pages may open the WebSocket. A handshake that carries an Origin header is refused (403) unless it is listed here or is the server's own (same host and port as the Host header); clients that send no Origin (SDKs, scripts) are not affected.", "server"),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Log level.", "server"),
     Setting("log_json", _bool, "false", "Structured JSON logs: one line per request with ids, tokens, cached tokens, timings and outcome.", "server"),
     # limits
@@ -173,7 +173,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_tokens_cap", _int(minimum=1), "4096", "Upper bound on a request's max_tokens.", "limits"),
     Setting("default_max_tokens", _int(minimum=1), "256", "max_tokens when a request gives none.", "limits"),
     Setting("max_queue", _int(minimum=1), "128", "Most generate requests queued or running in the engine; beyond, -32000 with retry_after_ms.", "limits"),
-    Setting("send_queue_frames", _int(minimum=1), "1024", "Most outgoing frames buffered per connection for a client that stops reading; then the connection is closed (1008).", "limits"),
+    Setting("send_queue_frames", _int(minimum=1), "1024", "Most outgoing frames buffered per connection for a client that stops reading; then the connection is closed (1008) and its queue freed.", "limits"),
+    Setting("send_queue_bytes", _int(minimum=65536), "8388608", "Most outgoing bytes buffered per connection for a client that stops reading; then the connection is closed (1008) and its queue freed.", "limits"),
+    Setting("send_timeout_s", _float(minimum=0.1, maximum=3600.0), "20", "A client that takes no data for this long while frames wait for it (in the send queue or the socket's buffers) is let go: the connection is dropped, its queue freed, its slot released.", "limits"),
+    Setting("max_id_chars", _int(minimum=16), "256", "Longest request id (characters of a string id, digits of an integer id): a longer id is -32600 answered with id null (ids are repeated in every notification); cancel's request_id likewise (-32602).", "limits"),
+    Setting("max_messages", _int(minimum=1), "1024", "Most messages in one generate request (-32602 beyond).", "limits"),
+    Setting("max_stop_sequences", _int(minimum=0, maximum=64), "16", "Most stop strings in one generate request (-32602 beyond).", "limits"),
+    Setting("max_stop_chars", _int(minimum=1), "128", "Longest stop string (-32602 beyond): SGLang checks stop strings on every decode step, in the scheduler every client shares.", "limits"),
+    Setting("max_tools_bytes", _int(minimum=1024), "262144", "Largest tool set of a request or session, as compact JSON bytes (-32602 beyond), checked before any schema work.", "limits"),
+    Setting("max_schema_branches", _int(minimum=2), "64", "Most branches in one oneOf / anyOf / allOf of a tool schema (-32602 beyond).", "limits"),
     Setting("shutdown_grace_s", _float(minimum=0.0, maximum=600.0), "10", "On SIGTERM, seconds in-flight streams may finish before they are cancelled.", "limits"),
 )
 
@@ -220,6 +228,14 @@ class Config:
     default_max_tokens: int
     max_queue: int
     send_queue_frames: int
+    send_queue_bytes: int
+    send_timeout_s: float
+    max_id_chars: int
+    max_messages: int
+    max_stop_sequences: int
+    max_stop_chars: int
+    max_tools_bytes: int
+    max_schema_branches: int
     shutdown_grace_s: float
 
     def replace(self, **changes: Any) -> Config:

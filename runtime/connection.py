@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
 from typing import Any, cast
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import errors as rpc
 from protocol import jsonrpc
@@ -30,8 +31,9 @@ from protocol.models import (
     StreamEnd,
     TextChunk,
 )
-from protocol.openrpc import openrpc_document
+from protocol.openrpc import openrpc_json
 from runtime.metrics import METRICS
+from runtime.outbox import CLOSE_TIMEOUT_S, CLOSE_TOO_BIG, CLOSE_UNSUPPORTED_DATA, Outbox
 from runtime.server import Server
 from runtime.turn import TurnOutcome
 
@@ -40,55 +42,30 @@ reqlog = logging.getLogger("runtime.requests")
 
 # The notifications of a turn, by the kind runtime.turn emits.
 EVENTS = {"text_chunk": TextChunk, "reasoning_chunk": ReasoningChunk, "function_call_request": FunctionCallRequest}
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
 
 
-class Connection:
+class _ClosedBeforeStart(Exception):
+    """A generate found its connection closed: it ends cancelled without reaching the engine."""
+
+
+@functools.lru_cache(maxsize=1)
+def _discover_result() -> jsonrpc.RawJSON:
+    # Encoded once; every rpc.discover splices the same text (no copy, no encoding per call).
+    return jsonrpc.RawJSON(openrpc_json())
+
+
+class Connection(Outbox):
     def __init__(self, server: Server, ws: WebSocket, owner: str):
-        self.server = server
-        self.ws = ws
+        super().__init__(server, ws)
         self.owner = owner
-        self.cid = uuid.uuid4().hex[:12]
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=server.cfg.send_queue_frames)
         self.generates: dict[Any, asyncio.Event] = {}
         self.tasks: set[asyncio.Task] = set()
-        self.closed = False
-        self.close_code: int | None = None
+        self.pending_calls = 0  # calls other than generate being answered
+        self.max_pending_calls = 2 * server.cfg.max_batch
 
-    # ------------------------------------------------------------------ sending
-    async def send(self, obj: Any) -> None:
-        if self.closed:
-            return
-        try:
-            self.queue.put_nowait(jsonrpc.encode(obj))
-        except asyncio.QueueFull:
-            log.warning("connection %s: client is not reading (%d frames queued); closing", self.cid, self.queue.qsize())
-            await self.close(CLOSE_POLICY, "send queue full: client is not reading")
-
-    async def writer(self) -> None:
-        while True:
-            frame = await self.queue.get()
-            if frame is None:
-                return
-            try:
-                await self.ws.send_text(frame)
-            except Exception:
-                self.closed = True
-                self.cancel_all()
-                return
-
-    async def close(self, code: int, reason: str = "") -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.close_code = code
-        self.cancel_all()
-        with contextlib.suppress(Exception):
-            if self.ws.application_state != WebSocketState.DISCONNECTED:
-                # A client that does not read may never take the close frame either: bounded.
-                await asyncio.wait_for(self.ws.close(code=code, reason=reason[:120]), timeout=5)
+    def busy(self) -> bool:
+        """A call of this connection is still running (its answer not queued yet)."""
+        return bool(self.generates) or any(not t.done() for t in self.tasks)
 
     def cancel_all(self) -> None:
         for event in self.generates.values():
@@ -96,41 +73,65 @@ class Connection:
 
     def fail_inflight(self, reason: str) -> None:
         for task in list(self.tasks):
-            if getattr(task, "is_generate", False) and not task.done():
+            # A generate that has not started yet is left alone: it finds the engine down by
+            # itself and answers -32004 with its stream_end (cancelling it before its first step
+            # would lose both).
+            if getattr(task, "is_generate", False) and getattr(task, "started", False) and not task.done():
                 task.engine_failure = reason  # type: ignore[attr-defined]
                 task.cancel()
 
     # ------------------------------------------------------------------ reading
     async def run(self) -> None:
-        writer = asyncio.create_task(self.writer())
+        self._writer = asyncio.create_task(self.writer())
+        self._reader = asyncio.create_task(self._read())
+        reader, writer = self._reader, self._writer
         try:
-            while not self.closed:
-                message = await self.ws.receive()
-                kind = message["type"]
-                if kind == "websocket.disconnect":
-                    break
-                if message.get("bytes") is not None:
-                    await self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send JSON text frames")
-                    break
-                text = message.get("text") or ""
-                if len(text.encode("utf-8", "surrogatepass")) > self.server.cfg.max_frame_bytes:
-                    await self.close(CLOSE_TOO_BIG, f"frame larger than {self.server.cfg.max_frame_bytes} bytes")
-                    break
-                await self.on_frame(text)
-        except WebSocketDisconnect:
-            pass
+            await asyncio.wait({reader})
         finally:
-            self.closed = True
-            self.cancel_all()
+            self.start_close(None)  # no-op when already closing
+            if not reader.done():
+                reader.cancel()
             pending = [t for t in self.tasks if not t.done()]
             if pending:  # let cancelled generates abort their engine requests
                 await asyncio.wait(pending, timeout=10)
-            self.queue.put_nowait(None) if not self.queue.full() else writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(writer, timeout=2)
+            writer.cancel()
+            closing = self._closing
+            for task in (reader, writer, closing):
+                if task is None:
+                    continue
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, timeout=CLOSE_TIMEOUT_S + 1)
+            self._drop_outbox()
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                exc = reader.exception()
+                if not isinstance(exc, WebSocketDisconnect):
+                    log.warning("connection %s: reader failed: %r", self.cid, exc)
+
+    async def _read(self) -> None:
+        while not self.closed:
+            message = await self.ws.receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                # At once, so calls read before the close see it and end without starting.
+                self.start_close(None)
+                break
+            if message.get("bytes") is not None:
+                await self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not accepted; send JSON text frames")
+                break
+            text = message.get("text") or ""
+            if len(text.encode("utf-8", "surrogatepass")) > self.server.cfg.max_frame_bytes:
+                await self.close(CLOSE_TOO_BIG, f"frame larger than {self.server.cfg.max_frame_bytes} bytes")
+                break
+            await self.on_frame(text)
+            # uvicorn's receive() returns without yielding while frames are queued: let the
+            # other connections run between two frames of this one.
+            await asyncio.sleep(0)
 
     async def on_frame(self, text: str) -> None:
-        frame = jsonrpc.parse_frame(text, max_batch=self.server.cfg.max_batch)
+        if self.closed:  # read before the connection closed: nobody to answer
+            return
+        cfg = self.server.cfg
+        frame = jsonrpc.parse_frame(text, max_batch=cfg.max_batch, max_id_chars=cfg.max_id_chars)
         if frame.error is not None:
             METRICS.errors.labels(code=str(frame.error["error"]["code"])).inc()
             await self.send(frame.error)
@@ -141,9 +142,25 @@ class Connection:
             if reply is not None:
                 await self.send(reply)
             return
+        # Backpressure: calls other than generate (bounded on their own) run concurrently up to
+        # a budget; past it the reader waits, so a client flooding cheap calls is slowed down
+        # by TCP instead of filling this process with tasks.
+        cost = sum(1 for c in calls if c.method != "generate")
+        while self.pending_calls and self.pending_calls + cost > self.max_pending_calls and not self.closed:
+            self._calls_done.clear()
+            await self._calls_done.wait()
+        if self.closed:
+            return
+        self.pending_calls += cost
         task = asyncio.create_task(self._answer(frame, calls))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            self.pending_calls -= cost
+            self._calls_done.set()
+
+        task.add_done_callback(done)
 
     async def _answer(self, frame: jsonrpc.Frame, calls: list[jsonrpc.Call]) -> None:
         if len(calls) == 1 and not frame.is_batch:
@@ -160,7 +177,24 @@ class Connection:
         task.is_generate = call.method == "generate"  # type: ignore[attr-defined]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return await task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not task.cancelled() or (me is not None and me.cancelling()):
+                raise  # this task itself is being cancelled
+            # The call's task was cancelled before it could answer (it never ran): still exactly
+            # one answer per id, and for a generate its stream_end first.
+            return await self._answer_unstarted(call, getattr(task, "engine_failure", None))
+
+    async def _answer_unstarted(self, call: jsonrpc.Call, reason: str | None) -> dict[str, Any] | None:
+        error = rpc.EngineUnavailable(f"{reason}; the runtime is restarting it" if reason else "the request was cancelled")
+        METRICS.errors.labels(code=str(error.code)).inc()
+        if call.method == "generate":
+            end = StreamEnd(request_id=cast(str | int, call.id), finish_reason="error", usage=TurnOutcome().usage(),
+                            timings=TurnOutcome().timings(), error=ErrorObject(**error.to_error()))
+            await self.send(jsonrpc.notification("stream_end", end))
+        return None if call.is_notification else jsonrpc.error_response(call.id, error)
 
     async def dispatch(self, call: jsonrpc.Call) -> dict[str, Any] | None:
         started = time.perf_counter()
@@ -186,14 +220,19 @@ class Connection:
                 self._log_request(call, outcome, started)
 
     async def _simple(self, call: jsonrpc.Call) -> Any:
-        params: Any = jsonrpc.bind_params(call)
+        params: Any = jsonrpc.bind_params(call, limits=self.server.limits)
         s = self.server
         if call.method == "server.info":
             self._need_backend_info()
             return s.info()
         if call.method == "rpc.discover":
-            return openrpc_document()
+            return _discover_result()
         if call.method == "cancel":
+            limit = s.cfg.max_id_chars
+            if jsonrpc.id_too_long(params.request_id, limit):
+                reason = f"longer than {limit} characters (max_id_chars); no generate can have that id"
+                raise rpc.InvalidParams(f"Invalid params: request_id: {reason}",
+                                        {"errors": [{"field": "request_id", "message": reason}], "max_id_chars": limit})
             event = self.generates.get(params.request_id)
             if event is None or event.is_set():
                 return CancelResult(cancelled=False)
@@ -218,6 +257,9 @@ class Connection:
             raise rpc.EngineUnavailable("the server is shutting down")
 
     async def _generate(self, call: jsonrpc.Call) -> dict[str, Any]:
+        me = asyncio.current_task()
+        if me is not None:
+            me.started = True  # type: ignore[attr-defined]  # fail_inflight may cancel it from now on
         rid = cast(str | int, call.id)  # parse_frame refuses a generate without a string or integer id
         cancelled = asyncio.Event()
         out = TurnOutcome()
@@ -232,12 +274,18 @@ class Connection:
                 f"a generate with id {rid!r} is already running on this connection", {"reason": "duplicate id in flight"}))
         METRICS.generates_inflight.inc()
         try:
-            params = cast(GenerateRequestParams, jsonrpc.bind_params(call))
+            params = cast(GenerateRequestParams, jsonrpc.bind_params(call, limits=self.server.limits))
             if len(self.generates) >= self.server.cfg.max_inflight_per_connection:
                 raise rpc.Overloaded(500, f"at most {self.server.cfg.max_inflight_per_connection} generates in flight per connection")
             self._refuse_if_draining()
             self.generates[rid] = cancelled
             registered = True
+            if self.closed:
+                # The connection closed before this generate started (a close frame read in the
+                # same buffer as the request): it ends cancelled at once, the engine never sees it.
+                cancelled.set()
+                out.finish_reason = "cancelled"
+                raise _ClosedBeforeStart
 
             async def emit(kind: str, payload: dict[str, Any]) -> None:
                 await self.send(jsonrpc.notification(kind, EVENTS[kind](request_id=rid, **payload)))
@@ -246,13 +294,17 @@ class Connection:
                 params, owner=self.owner, emit=emit, cancelled=cancelled, rid=f"{self.cid}-{uuid.uuid4().hex[:12]}"
             )
             error = out.error
+        except _ClosedBeforeStart:
+            pass
         except rpc.RpcError as exc:
             error = exc
             out.finish_reason = "error"
         except asyncio.CancelledError:
-            reason = getattr(asyncio.current_task(), "engine_failure", None)
-            if reason is None and not self.closed:
-                raise
+            # An engine failure (fail_inflight), the connection going away, or any other cancel:
+            # the generate still ends with its stream_end and its response (PROTOCOL section 5.1).
+            reason = getattr(me, "engine_failure", None)
+            if me is not None:
+                me.uncancel()
             error = rpc.EngineUnavailable(f"{reason}; the runtime is restarting it") if reason else None
             out.finish_reason = "error" if reason else "cancelled"
         except Exception as exc:
@@ -265,6 +317,9 @@ class Connection:
             METRICS.generates_inflight.dec()
             if out.total_ms == 0.0:
                 out.total_ms = (time.perf_counter() - started) * 1000
+            if error is None and out.finish_reason == "error":
+                # Never a stream_end with finish_reason "error" and no error (PROTOCOL section 5.4).
+                error = rpc.InternalError("the turn failed")
             if error is not None:
                 out.finish_reason = "error"
             end = StreamEnd(request_id=rid, finish_reason=out.finish_reason, usage=out.usage(), timings=out.timings(),

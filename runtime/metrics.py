@@ -2,13 +2,21 @@
 
 A private registry keeps test sessions and embedded uses from colliding with whatever else
 registers in prometheus_client's global one.
+
+With the embedded engine, SGLang's own metrics (prefix-cache hit rate, queue length, token
+usage, ...) are written by its scheduler processes in prometheus_client's multiprocess mode to
+PROMETHEUS_MULTIPROC_DIR; `attach_multiprocess_dir` adds a MultiProcessCollector over that
+directory, and /metrics renders both (SGLang's names start with `sglang:`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("runtime.metrics")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -35,6 +43,20 @@ class Metrics:
         self.engine_restarts = Counter("agent_runtime_engine_restarts", "Engine restarts after a failure", registry=r)
         self._prompt_total = 0
         self._cached_total = 0
+        self.multiprocess_dir: str | None = None
+        self._multiprocess: CollectorRegistry | None = None
+
+    def attach_multiprocess_dir(self, path: str | None) -> None:
+        """Render the metrics other processes write to `path` (prometheus_client's multiprocess
+        files; SGLang's engine processes) next to the runtime's own; None detaches."""
+        from prometheus_client import multiprocess
+
+        if path is None:
+            self.multiprocess_dir, self._multiprocess = None, None
+            return
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=path)
+        self.multiprocess_dir, self._multiprocess = path, registry
 
     def observe_turn(self, out: Any) -> None:
         self.finish.labels(finish_reason=out.finish_reason).inc()
@@ -54,7 +76,15 @@ class Metrics:
         self.e2e.observe(out.total_ms / 1000)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        own = generate_latest(self.registry)
+        mp = self._multiprocess
+        if mp is None:
+            return own
+        try:
+            return own + generate_latest(mp)
+        except Exception as exc:  # a file being written or removed under us: the runtime's own still count
+            log.warning("could not read the engine's metrics in %s: %s", self.multiprocess_dir, exc)
+            return own
 
 
 METRICS = Metrics()

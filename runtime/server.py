@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import hmac
 import logging
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from protocol.models import PROTOCOL_VERSION, ServerInfoResult
+from protocol.models import PROTOCOL_VERSION, RequestLimits, ServerInfoResult
 from runtime.backends.base import Backend
 from runtime.config import Config
 from runtime.metrics import METRICS
@@ -24,12 +25,16 @@ from runtime.service import AgentRuntime
 log = logging.getLogger("runtime.app")
 
 CLOSE_GOING_AWAY = 1001
+DRAIN_CLOSE_TIMEOUT_S = 8.0  # one wait for all connections' flush and close frame on SIGTERM
+RESTART_FAILURES_UNHEALTHY = 3  # consecutive failed engine restarts that turn /health to 503
 
 
 class Peer(Protocol):
     """What the server needs of a front end's connection."""
 
     generates: dict[Any, asyncio.Event]
+
+    def busy(self) -> bool: ...
 
     def cancel_all(self) -> None: ...
 
@@ -45,9 +50,15 @@ class Server:
         self.cfg = cfg
         self.backend = backend
         self.runtime = AgentRuntime(cfg, backend)
+        self.limits = RequestLimits(max_messages=cfg.max_messages, max_stop_sequences=cfg.max_stop_sequences,
+                                    max_stop_chars=cfg.max_stop_chars)
         self.connections: set[Peer] = set()
         self.draining = False
-        self.fatal: str | None = None
+        self.fatal: str | None = None  # why the engine could not start (for the log and the exit message)
+        self.unhealthy: str | None = None  # set: /health answers 503 with this (liveness)
+        self.restart_failures = 0  # consecutive failed engine restarts
+        self.supervise_interval_s = 1.0
+        self.restart_backoff_s = 5.0
         self.start_task: asyncio.Task[None] | None = None
         self.supervisor: asyncio.Task[None] | None = None
         self.on_fatal: Callable[[str], None] | None = None
@@ -57,6 +68,7 @@ class Server:
     async def startup(self) -> None:
         if self.backend.is_ready():
             self._log_ready()
+            _freeze_startup_objects()
             self.supervisor = asyncio.create_task(self._supervise())
             return
         self._owns_backend_start = True
@@ -73,6 +85,7 @@ class Server:
             return
         METRICS.engine_ready.set(1)
         self._log_ready()
+        _freeze_startup_objects()
         self.supervisor = asyncio.create_task(self._supervise())
 
     def _log_ready(self) -> None:
@@ -87,8 +100,13 @@ class Server:
         if not self.backend.supervised():
             return
         while True:
-            await asyncio.sleep(1.0)
-            if self.backend.check_alive():
+            await asyncio.sleep(self.supervise_interval_s)
+            try:
+                alive = self.backend.check_alive()
+            except Exception:  # the supervisor must outlive a failing check, or deaths go unnoticed
+                log.exception("engine liveness check failed; treating the engine as dead")
+                alive = False
+            if alive:
                 continue
             METRICS.engine_ready.set(0)
             for conn in list(self.connections):
@@ -97,9 +115,16 @@ class Server:
             try:
                 await self.backend.restart()
             except Exception as exc:
-                log.error("engine restart failed: %s; retrying in 5 s", exc)
-                await asyncio.sleep(5)
+                self.restart_failures += 1
+                log.error("engine restart failed (%d in a row): %s; retrying in %.0f s",
+                          self.restart_failures, exc, self.restart_backoff_s)
+                if self.restart_failures >= RESTART_FAILURES_UNHEALTHY and self.unhealthy is None:
+                    self.unhealthy = f"the engine failed to restart {self.restart_failures} times in a row"
+                    log.error("unhealthy: %s", self.unhealthy)
+                await asyncio.sleep(self.restart_backoff_s)
                 continue
+            self.restart_failures = 0
+            self.unhealthy = None
             METRICS.engine_restarts.inc()
             METRICS.engine_ready.set(1)
             self._log_ready()
@@ -119,14 +144,28 @@ class Server:
         """SIGTERM: refuse new work, let streams finish for `grace_s`, then cancel the rest."""
         self.draining = True
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(c.generates for c in self.connections):
+        while time.monotonic() < deadline and any(c.busy() for c in self.connections):
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.cancel_all()
-        while any(c.generates for c in self.connections) and time.monotonic() < deadline + 5:
+        # Until every call has queued its answer (a cancelled generate's stream_end and response).
+        while any(c.busy() for c in self.connections) and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            await conn.close(CLOSE_GOING_AWAY, "server shutting down")
+        # Concurrently, with one bounded wait: a client that does not read must not hold up the others.
+        closes = [asyncio.ensure_future(conn.close(CLOSE_GOING_AWAY, "server shutting down")) for conn in list(self.connections)]
+        if closes:
+            _, late = await asyncio.wait(closes, timeout=DRAIN_CLOSE_TIMEOUT_S)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("drain: %d connections did not close within %.0f s", len(late), DRAIN_CLOSE_TIMEOUT_S)
+
+    def public_start_failure(self) -> str:
+        """What /ready says when the engine could not start: which backend, never the
+        exception's text (that is in the log: it may hold paths, hosts or internal details)."""
+        c = self.cfg
+        where = f" at {', '.join(c.backend_urls)}" if c.backend in ("sglang", "openai") and c.backend_urls else ""
+        return f"the engine failed to start (backend {c.backend}{where}); see the server log"
 
     # ------------------------------------------------------------------ handshake
     def owner_for(self, headers: Any) -> str | None:
@@ -162,6 +201,23 @@ class Server:
                 "max_tokens_cap": c.max_tokens_cap,
                 "default_max_tokens": c.default_max_tokens,
                 "max_queue": c.max_queue,
+                "max_id_chars": c.max_id_chars,
+                "max_messages": c.max_messages,
+                "max_stop_sequences": c.max_stop_sequences,
+                "max_stop_chars": c.max_stop_chars,
+                "max_tools_bytes": c.max_tools_bytes,
+                "max_schema_branches": c.max_schema_branches,
+                "send_queue_frames": c.send_queue_frames,
+                "send_queue_bytes": c.send_queue_bytes,
                 "kv_capacity_tokens": i.kv_capacity_tokens,
             },
         )
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything alive once the engine has started (the engine's and every import's
+    objects, millions of them) out of the garbage collector's generations: a request that
+    allocates many objects (a large frame) would otherwise start a full collection over all of
+    them, a stall of hundreds of milliseconds on the event loop."""
+    gc.collect()
+    gc.freeze()

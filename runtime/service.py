@@ -13,12 +13,21 @@ context and queue), builds the turn's prompt and runs the one turn of its backen
 
 A cancelled turn is kept up to where it stopped; a failed turn leaves the session exactly as
 it was, so the client may simply retry it.
+
+What a client sends is bounded before it costs: protocol refuses too many messages, too many or
+too long stop strings and lone surrogates; here, a tool set is measured (max_tools_bytes) before
+its schemas are checked, a prompt's characters are compared with the context before it is
+rendered, and checking, rendering and tokenizing run in worker threads, never on the event
+loop. Rendered agent prefixes are cached only when they fit, in a PrefixCache bounded in
+tokens. A session.open warm-up is admitted and counted like a turn (max_queue).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -27,16 +36,28 @@ from typing import Any
 import programs
 from protocol import errors as rpc
 from protocol.models import GenerateRequestParams, SessionCloseResult, SessionOpenResult, check_tool_choice
-from runtime.backends.base import Backend, BackendError, ChatBackend, ChatRequest, GenRequest, Sampling, TokenBackend
+from runtime.backends.base import (
+    Backend,
+    BackendError,
+    BackendInfo,
+    BackendUnavailable,
+    ChatBackend,
+    ChatRequest,
+    GenRequest,
+    Sampling,
+    TokenBackend,
+)
 from runtime.chat_turn import chat_messages, chat_tools, run_chat_turn
 from runtime.config import Config
 from runtime.metrics import METRICS
+from runtime.prompts import PrefixCache, check_tools, content_chars, longest_token, rendered, sized_tools
 from runtime.sessions import Session, SessionLimit, SessionNotFound, SessionStore
 from runtime.turn import KEPT, Emit, TurnOutcome, random_call_id, run_token_turn
 
 log = logging.getLogger("runtime.service")
 
-PREFIX_CACHE_ENTRIES = 256
+WARM_POLL_S = 0.1  # how often a warm-up in progress checks that the engine is still there
+
 
 
 class AgentRuntime:
@@ -50,7 +71,8 @@ class AgentRuntime:
         )
         self._renderer: programs.Renderer | None = None
         self._fmt: programs.ToolFormat | None = None
-        self._prefix_cache: dict[str, list[int]] = {}
+        self._prefix_cache = PrefixCache()
+        self._token_chars: int | None = None  # the most characters one token can stand for
         self.active = 0  # generate requests admitted to the backend (bounded by max_queue)
 
     # ------------------------------------------------------------------ the program
@@ -78,7 +100,7 @@ class AgentRuntime:
 
     def sampling(self, params: GenerateRequestParams, program: programs.ToolProgram, prompt_tokens: int) -> Sampling:
         """The engine's sampling for a prompt of `prompt_tokens`; -32002 when it leaves no room."""
-        limit = self.backend.info.context_length
+        limit = self._info().context_length
         if prompt_tokens >= limit:
             raise rpc.ContextLengthExceeded(prompt_tokens, limit)
         return Sampling(
@@ -91,46 +113,70 @@ class AgentRuntime:
             constraint=program.constraint(),
         )
 
+    def _info(self) -> BackendInfo:
+        """The backend's info; -32004 when the engine went away meanwhile (a request awaits
+        rendering in a worker thread before it reads the context length)."""
+        try:
+            return self.backend.info
+        except BackendUnavailable:
+            raise rpc.EngineUnavailable("the engine is not ready (starting, restarting, or stopped); retry shortly") from None
+
     def _require_ready(self) -> None:
         if not self.backend.is_ready():
             raise rpc.EngineUnavailable("the engine is not ready (starting, restarting, or stopped); retry shortly")
 
-    @staticmethod
-    def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-        """The canonical tools, or the client's error naming what the grammar cannot hold."""
-        # `strict` is accepted for OpenAI compatibility and changes nothing (calls are always
-        # constrained): dropped so it cannot split otherwise identical agent prefixes.
-        tools = [{**t, "function": {k: v for k, v in t["function"].items() if k != "strict"}} for t in tools or []]
-        try:
-            return programs.check_tools(tools)
-        except programs.ToolSchemaError as exc:
-            if exc.keyword:
-                raise rpc.UnsupportedToolSchema(exc.tool or "", exc.keyword, f"tool {exc.tool!r}: {exc.reason}") from None
-            raise rpc.InvalidParams(
-                f"Invalid params: tools: {exc.reason}", {"errors": [{"field": "tools", "message": f"{exc.tool}: {exc.reason}"}]}
-            ) from None
+    check_tools = staticmethod(check_tools)
 
-    def _prefix_ids(self, system_prompt: str | None, tools: list[dict[str, Any]]) -> list[int]:
-        # Agent definitions repeat across sessions: render each once.
-        key = repr((system_prompt, tools))
+    async def checked_tools(self, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """check_tools for a front end's request: its size first (max_tools_bytes, before any
+        schema work), then the schema check in a worker thread, off the event loop."""
+        if not tools:
+            return self.check_tools(tools)
+        return await asyncio.to_thread(sized_tools, tools, self.cfg.max_tools_bytes, self.cfg.max_schema_branches)
+
+    async def token_chars(self) -> int:
+        """An upper bound on the characters one token decodes to: the longest vocabulary entry
+        (a byte-level entry has one character per byte). Text of N characters is therefore at
+        least N / token_chars tokens: the cheap check before any rendering."""
+        if self._token_chars is None:
+            self._token_chars = await asyncio.to_thread(longest_token, self._token_backend().tokenizer)
+        return self._token_chars
+
+    async def _check_chars(self, chars: int, *, base_tokens: int = 0, what: str = "the prompt") -> None:
+        """-32002 before rendering when `chars` characters (plus `base_tokens`) cannot fit the context."""
+        limit = self._info().context_length
+        if chars + base_tokens < limit:  # the bound below is at most `chars`: nothing to refuse
+            return
+        at_least = base_tokens + math.ceil(chars / await self.token_chars())
+        if at_least >= limit:
+            raise rpc.ContextLengthExceeded(at_least, limit, f"{what} is at least {at_least} tokens "
+                                            f"({chars} characters); the context holds {limit}")
+
+    async def _prefix_ids(self, system_prompt: str | None, tools: list[dict[str, Any]]) -> list[int]:
+        """The prefix's ids, rendered off the event loop; -32002 (and nothing cached) when the
+        prefix alone does not fit. Agent definitions repeat across sessions: each is rendered once."""
+        limit = self._info().context_length
+        await self._check_chars(len(system_prompt or ""), what="the system prompt")
+        key = await asyncio.to_thread(PrefixCache.key, system_prompt, tools)
         ids = self._prefix_cache.get(key)
         if ids is None:
-            ids = _rendered(self.renderer.prefix_ids, system_prompt, tools)
-            if len(self._prefix_cache) >= PREFIX_CACHE_ENTRIES:
-                self._prefix_cache.clear()
-            self._prefix_cache[key] = ids
-        return list(ids)
+            ids = await asyncio.to_thread(rendered, self.renderer.prefix_ids, system_prompt, tools)
+            if len(ids) >= limit:
+                raise rpc.ContextLengthExceeded(len(ids), limit, "the system prompt and tools alone exceed the context length")
+            self._prefix_cache.put(key, ids)
+        return ids
 
     # ------------------------------------------------------------------ sessions
     async def open_session(self, *, system_prompt: str | None, tools: list[dict[str, Any]] | None, owner: str) -> SessionOpenResult:
         self._require_ready()
-        canonical = self.check_tools(tools)
+        canonical = await self.checked_tools(tools)
         prefix: list[int] = []
         if isinstance(self.backend, TokenBackend):
-            prefix = self._prefix_ids(system_prompt, canonical)
-            limit = self.backend.info.context_length
-            if len(prefix) >= limit:
-                raise rpc.ContextLengthExceeded(len(prefix), limit, "the system prompt and tools alone exceed the context length")
+            prefix = await self._prefix_ids(system_prompt, canonical)
+        warm = bool(prefix) and self._info().radix_cache
+        if warm:
+            # A warm-up is a prefill in the engine's queue like any turn: admitted and counted.
+            self._admit()
         try:
             session = self.sessions.open(owner=owner, system_prompt=system_prompt, tools=canonical, prefix_ids=prefix)
         except SessionLimit as exc:
@@ -139,18 +185,49 @@ class AgentRuntime:
             # Tokens are the server's business: the session keeps messages.
             session.messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         METRICS.sessions_open.set(len(self.sessions))
-        if prefix and self.backend.info.radix_cache:
-            await self._warm(prefix)
+        if warm:
+            self.active += 1
+            try:
+                await self._warm(prefix)
+            except BaseException:
+                # The client never learns this session's id: it must not hold a quota slot.
+                with contextlib.suppress(SessionNotFound):
+                    self.sessions.close(session.id, owner=owner)
+                METRICS.sessions_open.set(len(self.sessions))
+                raise
+            finally:
+                self.active -= 1
         return SessionOpenResult(session_id=session.id, prefix_tokens=session.prefix_tokens)
 
     async def _warm(self, prefix: list[int]) -> None:
-        """Compute the prefix once so the first turn (and other sessions) find it cached."""
+        """Compute the prefix once so the first turn (and other sessions) find it cached.
+
+        Warming is an optimisation: an engine error is logged and the session opens unwarmed
+        (its first turn reports any error). An engine that dies meanwhile ends the open with
+        -32004, whether its stream fails or, as a killed SGLang scheduler does, never returns:
+        the warm-up watches the backend's readiness while it waits."""
+        backend = self._token_backend()
         req = GenRequest(rid=f"warm-{uuid.uuid4().hex}", input_ids=prefix, sampling=Sampling(max_new_tokens=1))
-        try:
-            async for _ in self._token_backend().stream(req):
+
+        async def run() -> None:
+            async for _ in backend.stream(req):
                 pass
-        except BackendError as exc:  # warming is an optimisation; the turn itself reports errors
+
+        task = asyncio.create_task(run())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=WARM_POLL_S)
+                if not task.done() and not backend.is_ready():
+                    raise BackendUnavailable("the engine stopped while it computed the prefix")
+            task.result()
+        except BackendUnavailable as exc:
+            raise rpc.EngineUnavailable(f"the engine became unavailable during session.open: {exc}; retry") from None
+        except BackendError as exc:
             log.warning("prefix warm-up failed: %s", exc)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=5)
 
     def close_session(self, session_id: str, *, owner: str) -> SessionCloseResult:
         try:
@@ -172,7 +249,7 @@ class AgentRuntime:
         self._check_max_tokens(params)
         rid = rid or uuid.uuid4().hex
         if params.session_id is None:
-            tools = self.check_tools(_dumps(params.tools))
+            tools = await self.checked_tools(_dumps(params.tools))
             turn = _Turn(params, None, tools, [m.model_dump(exclude_none=True) for m in params.messages], rid, started)
             return await self._run(turn, emit, cancelled)
         try:
@@ -211,13 +288,18 @@ class AgentRuntime:
 
     async def _tokens(self, backend: TokenBackend, turn: _Turn, emit: Emit, cancelled: asyncio.Event) -> TurnOutcome:
         p, session = turn.params, turn.session
+        # Rendering and tokenizing a history is long for a long one: a cheap bound first (its
+        # characters against the context), then the work in a worker thread, off the event loop.
         if session is None:
             system, messages = p.system_prompt, turn.messages
             if system is None and messages and messages[0]["role"] == "system":
                 system, messages = messages[0].get("content") or "", messages[1:]
-            prompt = _rendered(self.renderer.full_ids, system, turn.tools, messages)
+            await self._check_chars(len(system or "") + content_chars(messages))
+            prompt = await asyncio.to_thread(rendered, self.renderer.full_ids, system, turn.tools, messages)
         else:
-            prompt = session.token_ids + _rendered(self.renderer.turn_ids, turn.messages, close_previous=session.open_turn)
+            await self._check_chars(content_chars(turn.messages), base_tokens=len(session.token_ids))
+            new = await asyncio.to_thread(rendered, self.renderer.turn_ids, turn.messages, close_previous=session.open_turn)
+            prompt = session.token_ids + new
         program = self.program(turn.tools, p)
         sampling = self.sampling(p, program, len(prompt))
         self._admit()
@@ -303,14 +385,6 @@ def _answering_messages(session: Session, params: GenerateRequestParams) -> list
             )
         m.setdefault("name", name)
     return messages
-
-
-def _rendered(render: Callable[..., list[int]], *args: Any, **kwargs: Any) -> list[int]:
-    """Render, with a history the template cannot express reported as the client's error."""
-    try:
-        return render(*args, **kwargs)
-    except programs.RenderError as exc:
-        raise rpc.InvalidParams(f"Invalid params: messages: {exc}", {"errors": [{"field": "messages", "message": str(exc)}]}) from None
 
 
 def _dumps(items: list[Any] | None) -> list[dict[str, Any]] | None:

@@ -10,6 +10,15 @@ The contract:
 - `emit(kind, payload)` gets `text_chunk` / `reasoning_chunk` / `function_call_request`
   events in order; every call is complete and valid against its tool's schema before it is
   emitted, and gets its id from `new_call_id()`.
+- Calls are sent only once the turn is known not to fail: a call, and everything after it, is
+  held until the stream has ended and the parser has accepted the whole output (or until the
+  turn is cancelled, which keeps it). A turn that fails sends none of its calls, so no call a
+  client may have acted on is ever forgotten by its session. (The grammar ends the turn right
+  after its calls, so holding them costs little.)
+- What a kept turn (stop / length / tool_calls / cancelled) keeps is what the client got:
+  text the parser still holds back when the turn ends (a partial end-of-turn marker, a call cut
+  off by max_tokens or a cancel) is neither sent nor kept; `output_ids` is cut to the last
+  point where everything before it had been sent.
 - The result is a TurnOutcome: finish_reason 'stop' | 'length' | 'tool_calls' | 'cancelled'
   | 'error' (then `error` holds the JSON-RPC error), usage, timings and the output token ids.
   Failures after the request reached the backend are values, never exceptions; only a
@@ -86,17 +95,45 @@ class InvalidModelOutput(Exception):
     """The model's output broke the program (an invalid call): the turn fails, no call is sent."""
 
 
-async def emit_call(name: str, arguments: Any, tools: list[dict[str, Any]], out: TurnOutcome, emit: Emit,
-                    new_call_id: Callable[[], str]) -> None:
-    """Validate one complete call against its tool's schema, give it an id, send it."""
+def checked_call(name: str, arguments: Any, tools: list[dict[str, Any]], new_call_id: Callable[[], str]) -> dict[str, Any]:
+    """Validate one complete call against its tool's schema and give it an id."""
     tool = next((t for t in tools if t["function"]["name"] == name), None)
     problems = ["unknown tool"] if tool is None else validate_arguments(tool, arguments)
     if problems:
         METRICS.invalid_calls.inc()
         raise InvalidModelOutput(f"the model produced an invalid call of {name!r}: {'; '.join(problems[:3])}")
-    call = {"call_id": new_call_id(), "name": name, "arguments": arguments}
-    out.tool_calls.append(call)
-    await emit("function_call_request", call)
+    return {"call_id": new_call_id(), "name": name, "arguments": arguments}
+
+
+class Delivery:
+    """A turn's events on their way to the client, in generation order.
+
+    `add` records an event; `send(upto)` sends the recorded events before index `upto` and
+    adds them to the outcome (`text`, `tool_calls`): the outcome is exactly what was sent.
+    While the turn runs, a call stops sending (it and what follows wait); `final=True`, once
+    the turn is known not to fail, sends calls too."""
+
+    def __init__(self, out: TurnOutcome, emit: Emit):
+        self.out = out
+        self.emit = emit
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.sent = 0
+
+    def add(self, kind: str, payload: dict[str, Any]) -> None:
+        self.events.append((kind, payload))
+
+    async def send(self, upto: int | None = None, *, final: bool = False) -> None:
+        upto = len(self.events) if upto is None else upto
+        while self.sent < upto:
+            kind, payload = self.events[self.sent]
+            if kind == "function_call_request" and not final:
+                return
+            self.sent += 1
+            if kind == "text_chunk":
+                self.out.text += payload["text"]
+            elif kind == "function_call_request":
+                self.out.tool_calls.append(payload)
+            await self.emit(kind, payload)
 
 
 def random_call_id() -> str:
@@ -141,42 +178,61 @@ async def run_token_turn(
     feed = _TextFeed()
     engine_finish: list[str | None] = [None]
     first: list[float] = []
+    delivery = Delivery(out, emit)
+    ids: list[int] = []
+    # The last point where the client had been given everything the output held: (events, ids).
+    clean = [0, 0]
 
-    async def handle(events: list[Any]) -> None:
+    def handle(events: list[Any]) -> None:
         for ev in events:
             if isinstance(ev, TextDelta):
                 if ev.text:
-                    out.text += ev.text
-                    await emit("text_chunk", {"text": ev.text})
+                    delivery.add("text_chunk", {"text": ev.text})
             elif isinstance(ev, ReasoningDelta):
                 if ev.text:
-                    await emit("reasoning_chunk", {"text": ev.text})
+                    delivery.add("reasoning_chunk", {"text": ev.text})
             elif isinstance(ev, ToolCallEvent):
-                await emit_call(ev.name, ev.arguments, program.tools, out, emit, new_call_id)
+                delivery.add("function_call_request", checked_call(ev.name, ev.arguments, program.tools, new_call_id))
             elif isinstance(ev, InvalidOutput):
                 if engine_finish[0] == "length":
                     continue  # a call cut off by max_tokens: the turn ends with 'length', no call
                 METRICS.invalid_calls.inc()
                 raise InvalidModelOutput(ev.reason)
 
+    def mark_clean(text_final: bool) -> None:
+        if text_final and not parser.holding():
+            clean[0], clean[1] = len(delivery.events), len(ids)
+
     async def pump() -> None:
+        nonlocal ids
         text = ""
         async for u in backend.stream(request):
             if not first and (u.completion_tokens or u.output_ids):
                 first.append(time.perf_counter())
-            text, out.output_ids = u.text, list(u.output_ids)
+            text, ids = u.text, u.output_ids  # a fresh list per update (GenUpdate contract)
+            out.output_ids = ids
             out.cached_tokens, out.completion_tokens = u.cached_tokens, u.completion_tokens
             delta = feed.new(text)
             if delta:
-                await handle(parser.feed(delta))
+                handle(parser.feed(delta))
             if u.finish_reason is not None:
                 engine_finish[0] = u.finish_reason
+            mark_clean(not text.endswith("\ufffd"))
+            await delivery.send(clean[0])
         delta = feed.new(text, final=True)
         if delta:
-            await handle(parser.feed(delta))
-        await handle(parser.finish())
+            handle(parser.feed(delta))
+        handle(parser.finish())
+        mark_clean(True)
+        # The whole output parsed without fault: the turn cannot fail any more; held calls go.
+        await delivery.send(clean[0], final=True)
 
     await drive(pump, out, cancelled, lambda: engine_finish[0])
+    if out.finish_reason == "cancelled":
+        # Kept up to where it stopped: what had been completed, held calls included, is sent.
+        await delivery.send(clean[0], final=True)
+    if out.finish_reason in KEPT:
+        out.output_ids = ids[: clean[1]]
     out.ttft_ms = (first[0] - started) * 1000 if first else None
     out.total_ms = (time.perf_counter() - started) * 1000
     if out.finish_reason == "error" and out.error is None and engine_finish[0] == "abort":

@@ -137,3 +137,54 @@ async def connect(addr: str, **kwargs):
     kwargs.setdefault("ping_interval", 20)  # what websockets.connect did here before
     async with client_connect(f"ws://{addr}/ws", client_class=RpcClient, **kwargs) as c:
         yield c
+
+
+class StallProbe:
+    """A second connection that times `server.info` round trips while something else runs: the
+    event loop's worst stall as a client sees it. Every hostile-input test runs one."""
+
+    def __init__(self, client: RpcClient, interval_s: float):
+        self.client = client
+        self.interval_s = interval_s
+        self.round_trips_ms: list[float] = []
+        self.unanswered = 0
+
+    @property
+    def worst_ms(self) -> float:
+        return max(self.round_trips_ms, default=0.0)
+
+    async def run(self) -> None:
+        import time
+
+        while True:
+            t0 = time.perf_counter()
+            try:
+                reply, _ = await self.client.call("server.info", {}, timeout=30)
+            except TimeoutError:
+                self.unanswered += 1
+                continue
+            self.round_trips_ms.append((time.perf_counter() - t0) * 1000)
+            if "result" not in reply:
+                self.unanswered += 1
+            await asyncio.sleep(self.interval_s)
+
+
+@contextlib.asynccontextmanager
+async def stall_probe(addr: str, *, interval_s: float = 0.02, **kwargs):
+    """`async with stall_probe(addr) as probe: <hostile traffic>`; then read `probe.worst_ms`
+    (the issue's bar: under 250 ms) and `probe.round_trips_ms` (at least one completed)."""
+    async with connect(addr, **kwargs) as client:
+        probe = StallProbe(client, interval_s)
+        task = asyncio.create_task(probe.run())
+        try:
+            await asyncio.sleep(interval_s)
+            yield probe
+        finally:
+            # let a round trip that started during the hostile request finish and be counted
+            deadline = asyncio.get_running_loop().time() + 30
+            count = len(probe.round_trips_ms)
+            while len(probe.round_trips_ms) == count and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -16,7 +16,7 @@ import websockets
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import connect, running_server
+from conftest import connect, running_server, stall_probe
 from runtime.backends.fake import FakeBackend
 
 SAY_HI = [{"role": "user", "content": "Say hi."}]
@@ -212,7 +212,9 @@ async def test_fuzzed_frames_never_crash_and_every_request_is_answered(cfg, fake
     backend = fake
     # generate params are fuzzed too, but max_tokens small keeps accidental generations short.
     async with running_server(cfg.replace(max_tokens_cap=8, default_max_tokens=4), backend) as (addr, _):
-        await asyncio.to_thread(_fuzz, addr)
+        async with stall_probe(addr) as probe:
+            await asyncio.to_thread(_fuzz, addr)
+        assert probe.round_trips_ms and probe.unanswered == 0 and probe.worst_ms < 250, probe.worst_ms
         async with connect(addr) as c:
             ok, _ = await c.call("server.info")
             assert "result" in ok

@@ -109,3 +109,28 @@ async def test_the_turn_feeds_the_parser_only_new_text_when_the_backend_revises(
                                prog, emit=emit, cancelled=asyncio.Event())
     assert out.text == "hello!" and "".join(chunks) == "hello!" and out.finish_reason == "stop"
     assert out.output_ids == [0, 1, 2, 3] and out.prompt_ids == [1, 2, 3]
+
+
+async def test_kept_output_ids_are_exactly_what_the_client_got(fake) -> None:
+    rt = AgentRuntime(test_config(), fake)
+    opened = await rt.open_session(system_prompt="sys", tools=TOOLS, owner="")
+    tok = fake.tokenizer
+    call = fake.call_text("get_weather", {"city": "Paris"})
+    for reply, reason, text in ((call, "tool_calls", ""), ("Hello " + call + "\n", "tool_calls", "Hello "),
+                                ("a < b <tool no call", "stop", "a < b <tool no call")):
+        fake.replies.append(reply)
+        events: list = []
+        out = await _generate(rt, _params(session_id=opened.session_id, messages=[{"role": "user", "content": "x"}]), events)
+        # a complete turn keeps all of its output (the end-of-turn token included) ...
+        assert out.finish_reason == reason and out.text == text
+        assert out.output_ids == tok.encode(reply, add_special_tokens=False) + [tok.eos_token_id]
+        # ... and its calls went out last, after the text, once the output was accepted
+        kinds = [k for k, _ in events]
+        assert kinds == ["text_chunk"] * (len(kinds) - (reason == "tool_calls")) + ["function_call_request"] * (reason == "tool_calls")
+    # a call cut off by max_tokens: neither sent nor kept
+    fake.replies.append("Sure. " + call)
+    out = await _generate(rt, _params(session_id=opened.session_id, max_tokens=12, messages=[{"role": "user", "content": "x"}]))
+    assert out.finish_reason == "length" and out.text == "Sure. " and out.tool_calls == []
+    assert tok.decode(out.output_ids) == "Sure. " and out.completion_tokens == 12
+    session = rt.sessions.get(opened.session_id, owner="")
+    assert session.token_ids == out.prompt_ids + out.output_ids and session.open_turn

@@ -90,7 +90,8 @@ class GenRequest:
 
 @dataclass
 class GenUpdate:
-    """One streamed step. `text` and `output_ids` are cumulative for the request."""
+    """One streamed step. `text` and `output_ids` are cumulative for the request; each update
+    carries a list of its own (a consumer may keep it without copying)."""
 
     text: str
     output_ids: list[int]

@@ -14,9 +14,12 @@ Gotchas handled here (see FINDINGS.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +28,7 @@ from typing import Any
 from runtime.backends.base import BackendInfo, BackendUnavailable, GenRequest, GenUpdate, TokenBackend
 from runtime.backends.sglang_output import to_update
 from runtime.config import Config
+from runtime.metrics import METRICS
 from runtime.sglang_adapter import plugin as sglang_plugin
 
 log = logging.getLogger("runtime.backends.embedded")
@@ -58,6 +62,9 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
         "constrained_json_disable_any_whitespace": True,
         "grammar_backend": "xgrammar",
         "random_seed": 0,
+        # SGLang's own Prometheus metrics (cache hit rate, queue, token usage): its processes
+        # write them to PROMETHEUS_MULTIPROC_DIR; the runtime's /metrics renders them too.
+        "enable_metrics": True,
     }
     backend = ATTENTION_BACKENDS[device].get(cfg.attn_implementation)
     if backend:
@@ -143,8 +150,13 @@ class EmbeddedBackend(TokenBackend):
             # Read by runtime.sglang_adapter.plugin in the engine's processes (they inherit the environment).
             os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
+        metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()
+        if metrics_dir is not None:
+            _forget_sglang_collectors()
         self._engine = await asyncio.to_thread(_construct_engine, kwargs)
+        if metrics_dir is not None:
+            METRICS.attach_multiprocess_dir(metrics_dir)
         self._child_pids = _children() - before  # this engine's processes, not the host's others
         tm = self._engine.tokenizer_manager
         saved = _current_handlers()
@@ -229,6 +241,7 @@ class EmbeddedBackend(TokenBackend):
         engine, self._engine = self._engine, None
         if engine is not None:
             await asyncio.to_thread(_shutdown_engine, engine)
+            _clear_prometheus_dir(self._child_pids)  # the next engine starts from zero, not from stale gauges
 
     async def restart(self) -> None:
         await self.stop()
@@ -294,6 +307,44 @@ class EmbeddedBackend(TokenBackend):
             return None
         loads = await self._engine.tokenizer_manager.get_loads()
         return sum(int(load.num_used_tokens) for load in loads)
+
+
+_OWN_PROMETHEUS_DIR: str | None = None  # the directory this process created (and may clear)
+
+
+def _prometheus_dir() -> str:
+    """PROMETHEUS_MULTIPROC_DIR for SGLang's processes (they inherit the environment; SGLang
+    keeps a value already set). A directory of our own unless the operator set one."""
+    global _OWN_PROMETHEUS_DIR
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = _OWN_PROMETHEUS_DIR = tempfile.mkdtemp(prefix="agent-runtime-sglang-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def _forget_sglang_collectors() -> None:
+    """SGLang's tokenizer side registers its metrics in prometheus_client's default registry
+    when an engine is built; a second engine in this process (a restart after the first died)
+    would fail with duplicated time series. The previous engine's collectors go first."""
+    from prometheus_client import REGISTRY
+
+    names_of = getattr(REGISTRY, "_collector_to_names", {})
+    for collector, names in list(names_of.items()):
+        if any(str(n).startswith("sglang:") for n in names):
+            with contextlib.suppress(KeyError):
+                REGISTRY.unregister(collector)
+
+
+def _clear_prometheus_dir(pids: set[int]) -> None:
+    """Remove the metric files of a stopped engine's processes (prometheus_client names them
+    `<kind>_<pid>.db`), not those of another engine of this process that still runs."""
+    if _OWN_PROMETHEUS_DIR is None:
+        return
+    for pid in pids:
+        for f in glob.glob(os.path.join(_OWN_PROMETHEUS_DIR, f"*_{pid}.db")):
+            with contextlib.suppress(OSError):
+                os.remove(f)
 
 
 def _children() -> set[int]:

@@ -63,6 +63,12 @@ class FakeBackend(TokenBackend):
         self.reply = reply or (lambda _request, _prompt: DEFAULT_REPLY)
         self.replies: collections.deque[str] = collections.deque()  # taken before `reply`, one per request
         self.token_delay_s = token_delay_s
+        # Test hooks: after this many tokens of a reply the stream waits (for a cancel or an abort)
+        # instead of going on; and a killed engine whose streams never return (as SGLang's do when
+        # its scheduler process is killed) instead of failing.
+        self.stall_after: int | None = None
+        self.stalled: set[str] = set()  # rids of the streams waiting at stall_after now
+        self.hang_when_killed = False
         self.requests: list[GenRequest] = []  # every request streamed, in order (warm-ups included)
         self._context_length = cfg.context_length if cfg is not None and cfg.context_length else context_length
         self._radix = cfg.radix_cache if cfg is not None else radix_cache
@@ -149,27 +155,44 @@ class FakeBackend(TokenBackend):
         budget = request.sampling.max_new_tokens
         self._inflight.add(request.rid)
         out: list[int] = []
+        decoded: list[Any] = [0, ""]
         try:
             for i, token in enumerate(ids[:budget]):
                 await asyncio.sleep(self.token_delay_s)
+                while (self.stall_after is not None and i >= self.stall_after and self._alive
+                       and request.rid not in self._aborted):
+                    self.stalled.add(request.rid)
+                    await asyncio.sleep(0.01)
+                self.stalled.discard(request.rid)
                 if not self._alive:
+                    if self.hang_when_killed:
+                        await asyncio.Event().wait()
                     raise BackendUnavailable("the fake engine died")
                 if request.rid in self._aborted:
-                    yield self._update(out, len(prompt), cached, "abort")
+                    yield self._update(out, len(prompt), cached, "abort", decoded)
                     return
                 out.append(token)
                 last = i == len(ids) - 1
                 finish = "stop" if last else ("length" if len(out) == budget else None)
-                yield self._update(out, len(prompt), cached, finish)
+                yield self._update(out, len(prompt), cached, finish, decoded)
                 if finish is not None:
                     return
         finally:
             self._inflight.discard(request.rid)
             self._aborted.discard(request.rid)
+            self.stalled.discard(request.rid)
             self._seen.append(prompt + tuple(out))
 
-    def _update(self, out: list[int], prompt_tokens: int, cached: int, finish: str | None) -> GenUpdate:
-        return GenUpdate(text=self.tokenizer.decode(out, skip_special_tokens=False), output_ids=list(out),
+    def _update(self, out: list[int], prompt_tokens: int, cached: int, finish: str | None,
+                decoded: list[Any]) -> GenUpdate:
+        # Decoded incrementally (each step decodes only the ids since the last complete
+        # character; `decoded` is this stream's [ids done, their text]), so a long reply costs
+        # linear time, as an engine's detokenizer does.
+        done, text = decoded
+        tail = self.tokenizer.decode(out[done:], skip_special_tokens=False)
+        if not tail.endswith("\ufffd"):
+            decoded[0], decoded[1], text, tail = len(out), text + tail, text + tail, ""
+        return GenUpdate(text=text + tail, output_ids=list(out),
                          prompt_tokens=prompt_tokens, cached_tokens=cached, completion_tokens=len(out),
                          finish_reason=finish)
 

@@ -6,6 +6,12 @@ Errors are translated once, here, from httpx and HTTP statuses:
     HTTP 503                                     -> BackendUnavailable
     context too long (HTTP 400 that says so)     -> BackendContextLength (-32002)
     any other non-200 or an error event          -> BackendError         (-32603)
+    no byte for `read_timeout_s` on a stream     -> BackendUnavailable   (a stalled server)
+    an event line or a body beyond its bound     -> BackendError naming the bound
+
+Every read is bounded in time (the read deadline of the stream's timeout) and in size: a
+server-sent event line holds at most MAX_LINE_BYTES, a JSON answer MAX_BODY_BYTES, and of an
+error body only the first ERROR_BODY_BYTES are read (its message is what matters).
 """
 
 from __future__ import annotations
@@ -29,17 +35,31 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 HEALTH_INTERVAL_S = 2.0
 START_TIMEOUT_S = 30.0
-# Decoding on a busy CPU can pause for long between tokens; only connecting is bounded.
-STREAM_TIMEOUT = httpx.Timeout(10.0, read=None, write=30.0, pool=30.0)
+# Decoding on a busy CPU can pause for long between tokens, and a long prompt's prefill comes
+# before the first event: the read deadline is generous, but there is one, so a server that
+# stalls with its connection open cannot pin a turn (and its session and queue slot) forever.
+STREAM_READ_TIMEOUT_S = 300.0
+MAX_LINE_BYTES = 8 * 1024 * 1024  # one server-sent event (SGLang's carry the cumulative text and ids)
+MAX_BODY_BYTES = 16 * 1024 * 1024  # one JSON answer of a probe (/server_info, /v1/models, /v1/loads)
+ERROR_BODY_BYTES = 64 * 1024  # what is read of an error answer
+
+
+def stream_timeout(read_s: float = STREAM_READ_TIMEOUT_S) -> httpx.Timeout:
+    return httpx.Timeout(10.0, read=read_s, write=30.0, pool=30.0)
+
+
+STREAM_TIMEOUT = stream_timeout()
 PROBE_TIMEOUT = httpx.Timeout(5.0)
 HEALTH_TIMEOUT = httpx.Timeout(5.0, read=15.0)
 
 
-def error_text(resp: httpx.Response) -> str:
+def error_text(resp: httpx.Response, raw: bytes | None = None) -> str:
+    """The message of an error answer: `raw` (what was read of its body), else its whole body."""
+    raw = resp.content if raw is None else raw
     try:
-        body = resp.json()
+        body = json.loads(raw)
     except ValueError:
-        return resp.text.strip()[:500] or resp.reason_phrase
+        return raw.decode("utf-8", "replace").strip()[:500] or resp.reason_phrase
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict):
@@ -56,8 +76,8 @@ _CTX_PATTERNS = (
 )
 
 
-def status_error(resp: httpx.Response, where: str) -> BackendError:
-    text = error_text(resp)
+def status_error(resp: httpx.Response, where: str, raw: bytes | None = None) -> BackendError:
+    text = error_text(resp, raw)
     message = f"{where}: HTTP {resp.status_code}: {text}"
     if resp.status_code == 429:
         retry = resp.headers.get("retry-after")
@@ -72,30 +92,77 @@ def status_error(resp: httpx.Response, where: str) -> BackendError:
     return BackendError(message)
 
 
-async def sse_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+async def read_body(resp: httpx.Response, max_bytes: int, where: str, *, truncate: bool = False) -> bytes:
+    """At most `max_bytes` of a streamed answer's body: beyond, BackendError naming the bound
+    (or, with `truncate`, the first `max_bytes`, for an error answer's message)."""
+    body = bytearray()
+    async for chunk in resp.aiter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            if truncate:
+                return bytes(body[:max_bytes])
+            raise BackendError(f"{where}: the answer is larger than {max_bytes} bytes (MAX_BODY_BYTES)")
+    return bytes(body)
+
+
+async def error_body(resp: httpx.Response) -> bytes:
+    """The first ERROR_BODY_BYTES of an error answer's body: enough for its message."""
+    return await read_body(resp, ERROR_BODY_BYTES, "", truncate=True)
+
+
+async def sse_lines(resp: httpx.Response, *, max_line_bytes: int = MAX_LINE_BYTES) -> AsyncIterator[bytes]:
+    """The lines of a streamed body, each at most `max_line_bytes` (BackendError beyond: a
+    server that never ends a line must not grow this process's memory)."""
+    buf = bytearray()
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            if nl - start > max_line_bytes:
+                break
+            yield bytes(buf[start:nl]).rstrip(b"\r")
+            start = nl + 1
+        del buf[:start]
+        if len(buf) > max_line_bytes:
+            raise BackendError(f"{resp.url}: a server-sent event line is longer than {max_line_bytes} bytes (MAX_LINE_BYTES)")
+    if buf:
+        yield bytes(buf).rstrip(b"\r")
+
+
+async def sse_events(resp: httpx.Response, *, max_line_bytes: int = MAX_LINE_BYTES) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of a server-sent event stream, up to `data: [DONE]`."""
-    async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
+    async for line in sse_lines(resp, max_line_bytes=max_line_bytes):
+        if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             return
         if data:
-            yield json.loads(data)
+            try:
+                yield json.loads(data)
+            except ValueError as exc:
+                raise BackendError(f"{resp.url}: an event that is not JSON: {data[:200]!r}") from exc
 
 
 async def get_json(client: httpx.AsyncClient, url: str, *paths: str) -> Any:
     """GET the first of `paths` that exists (SGLang renamed several endpoints)."""
-    last: httpx.Response | None = None
+    last: tuple[httpx.Response, bytes] | None = None
     for path in paths:
-        resp = await client.get(url + path, timeout=PROBE_TIMEOUT)
-        if resp.status_code == 200:
-            return resp.json()
-        last = resp
+        async with client.stream("GET", url + path, timeout=PROBE_TIMEOUT) as resp:
+            if resp.status_code == 200:
+                body = await read_body(resp, MAX_BODY_BYTES, f"GET {url}{path}")
+                try:
+                    return json.loads(body)
+                except ValueError as exc:
+                    raise BackendError(f"GET {url}{path}: the answer is not JSON") from exc
+            last = (resp, await error_body(resp))
         if resp.status_code != 404:
             break
     assert last is not None
-    raise status_error(last, f"GET {url}{paths[-1]}")
+    raise status_error(last[0], f"GET {url}{paths[-1]}", last[1])
 
 
 async def wait_reachable(client: httpx.AsyncClient, url: str, path: str, timeout_s: float) -> None:
@@ -104,10 +171,10 @@ async def wait_reachable(client: httpx.AsyncClient, url: str, path: str, timeout
     last = "no answer"
     while True:
         try:
-            resp = await client.get(url + path, timeout=PROBE_TIMEOUT)
-            if resp.status_code == 200:
-                return
-            last = f"HTTP {resp.status_code}: {error_text(resp)}"
+            async with client.stream("GET", url + path, timeout=PROBE_TIMEOUT) as resp:
+                if resp.status_code == 200:
+                    return
+                last = f"HTTP {resp.status_code}: {error_text(resp, await error_body(resp))}"
         except httpx.HTTPError as exc:
             last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if time.monotonic() >= deadline:
@@ -150,7 +217,8 @@ class Health:
 
     async def check(self, url: str) -> bool:
         try:
-            resp = await self._client.get(url + self._paths[url], timeout=HEALTH_TIMEOUT)
+            async with self._client.stream("GET", url + self._paths[url], timeout=HEALTH_TIMEOUT) as resp:
+                pass  # the status is the answer: the body is not read
             ok = resp.status_code == 200
             reason = f"HTTP {resp.status_code}"
         except httpx.HTTPError as exc:

@@ -20,13 +20,16 @@ import httpx
 from runtime.backends.base import BackendError, BackendInfo, BackendUnavailable, ChatBackend, ChatRequest, ChatToolCall, ChatUpdate
 from runtime.backends.http import (
     HEALTH_INTERVAL_S,
+    MAX_LINE_BYTES,
     PROBE_TIMEOUT,
     START_TIMEOUT_S,
-    STREAM_TIMEOUT,
+    STREAM_READ_TIMEOUT_S,
     Health,
+    error_body,
     get_json,
     sse_events,
     status_error,
+    stream_timeout,
     wait_reachable,
 )
 from runtime.config import Config
@@ -39,7 +42,8 @@ log = logging.getLogger("runtime.backends.openai_http")
 class OpenAIBackend(ChatBackend):
     """An OpenAI-compatible server (`INFERENCE_BACKEND=openai`): vLLM, TGI, SGLang, `transformers serve`."""
 
-    def __init__(self, cfg: Config, *, health_interval_s: float = HEALTH_INTERVAL_S, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, cfg: Config, *, health_interval_s: float = HEALTH_INTERVAL_S, start_timeout_s: float = START_TIMEOUT_S,
+                 read_timeout_s: float = STREAM_READ_TIMEOUT_S, max_line_bytes: int = MAX_LINE_BYTES):
         if len(cfg.backend_urls) != 1:
             raise BackendError("INFERENCE_BACKEND=openai takes exactly one URL in INFERENCE_BACKEND_URLS")
         url = cfg.backend_urls[0].rstrip("/")
@@ -47,6 +51,8 @@ class OpenAIBackend(ChatBackend):
         self._cfg = cfg
         self._health_interval = health_interval_s
         self._start_timeout = start_timeout_s
+        self.read_timeout_s = read_timeout_s  # a stream silent this long fails: BackendUnavailable
+        self.max_line_bytes = max_line_bytes  # one server-sent event line at most; beyond: BackendError
         self._client: httpx.AsyncClient | None = None
         self._health: Health | None = None
         self._info: BackendInfo | None = None
@@ -67,7 +73,8 @@ class OpenAIBackend(ChatBackend):
         return len(self._inflight)
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=STREAM_TIMEOUT, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self._client = httpx.AsyncClient(timeout=stream_timeout(self.read_timeout_s),
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         try:
             await self._start()
         except BaseException:
@@ -150,10 +157,9 @@ class OpenAIBackend(ChatBackend):
         try:
             async with self._client.stream("POST", self.url + "/v1/chat/completions", json=self._body(request)) as resp:
                 if resp.status_code != 200:
-                    await resp.aread()
-                    raise status_error(resp, where)
+                    raise status_error(resp, where, await error_body(resp))
                 finish: str | None = None
-                async for chunk in sse_events(resp):
+                async for chunk in sse_events(resp, max_line_bytes=self.max_line_bytes):
                     if "error" in chunk:
                         err = chunk["error"]
                         raise BackendError(f"{where}: {err.get('message', err) if isinstance(err, dict) else err}")
@@ -188,6 +194,9 @@ class OpenAIBackend(ChatBackend):
                 # arguments are what the server's partial-JSON parser made of a prefix), or
                 # complete with the model writing on after them: the caller decides by validating.
                 yield ChatUpdate(tool_calls=[_complete(calls.pop(i)) for i in sorted(calls)], finish_reason=finish)
+        except httpx.ReadTimeout as exc:
+            # The server holds the connection but sends nothing: a stalled server, not a gone one.
+            raise BackendUnavailable(f"{self.url}: no data for {self.read_timeout_s:g} s (the stream's read deadline)") from exc
         except httpx.TransportError as exc:
             if self._health is not None and not finished:
                 self._health.mark_down(self.url, type(exc).__name__)

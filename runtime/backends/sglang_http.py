@@ -28,13 +28,16 @@ import httpx
 from runtime.backends.base import BackendError, BackendInfo, BackendUnavailable, GenRequest, GenUpdate, TokenBackend
 from runtime.backends.http import (
     HEALTH_INTERVAL_S,
+    MAX_LINE_BYTES,
     PROBE_TIMEOUT,
     START_TIMEOUT_S,
-    STREAM_TIMEOUT,
+    STREAM_READ_TIMEOUT_S,
     Health,
+    error_body,
     get_json,
     sse_events,
     status_error,
+    stream_timeout,
     wait_reachable,
 )
 from runtime.backends.sglang_output import to_update
@@ -142,13 +145,16 @@ def _load_tokenizer(path: Path, *, trust_remote_code: bool) -> Any:
 class SGLangBackend(TokenBackend):
     """SGLang servers over HTTP (`INFERENCE_BACKEND=sglang`): one router, or several workers."""
 
-    def __init__(self, cfg: Config, *, health_interval_s: float = HEALTH_INTERVAL_S, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, cfg: Config, *, health_interval_s: float = HEALTH_INTERVAL_S, start_timeout_s: float = START_TIMEOUT_S,
+                 read_timeout_s: float = STREAM_READ_TIMEOUT_S, max_line_bytes: int = MAX_LINE_BYTES):
         if not cfg.backend_urls:
             raise BackendError("INFERENCE_BACKEND=sglang needs INFERENCE_BACKEND_URLS")
         self._cfg = cfg
         self.urls: list[str] = list(cfg.backend_urls)
         self._health_interval = health_interval_s
         self._start_timeout = start_timeout_s
+        self.read_timeout_s = read_timeout_s  # a stream silent this long fails: BackendUnavailable
+        self.max_line_bytes = max_line_bytes  # one server-sent event line at most; beyond: BackendError
         self._client: httpx.AsyncClient | None = None
         self._health: Health | None = None
         self._tokenizer: Any = None
@@ -185,7 +191,8 @@ class SGLangBackend(TokenBackend):
         # No engine here, but the tool-call program's stream parser imports SGLang's parsers:
         # SGLang must see its environment (CPU flag, sgl_kernel stand-in) before that import.
         prepare(self._cfg.device if self._cfg.device != "auto" else None)
-        self._client = httpx.AsyncClient(timeout=STREAM_TIMEOUT, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self._client = httpx.AsyncClient(timeout=stream_timeout(self.read_timeout_s),
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         try:
             await self._start()
         except BaseException:
@@ -342,9 +349,8 @@ class SGLangBackend(TokenBackend):
         try:
             async with self._client.stream("POST", url + "/generate", json=body) as resp:
                 if resp.status_code != 200:
-                    await resp.aread()
-                    raise status_error(resp, f"POST {url}/generate")
-                async for event in sse_events(resp):
+                    raise status_error(resp, f"POST {url}/generate", await error_body(resp))
+                async for event in sse_events(resp, max_line_bytes=self.max_line_bytes):
                     if "error" in event:
                         err = event["error"]
                         raise BackendError(f"{url}: {err.get('message', err) if isinstance(err, dict) else err}")
@@ -358,6 +364,9 @@ class SGLangBackend(TokenBackend):
                     if finished:
                         return
             raise BackendUnavailable(f"{url}: the stream ended before the request finished")
+        except httpx.ReadTimeout as exc:
+            # The server holds the connection but sends nothing: a stalled server, not a gone one.
+            raise BackendUnavailable(f"{url}: no data for {self.read_timeout_s:g} s (the stream's read deadline)") from exc
         except httpx.TransportError as exc:
             if self._health is not None:
                 self._health.mark_down(url, type(exc).__name__)
