@@ -1,4 +1,5 @@
-"""The Starlette app: /health, /ready, /metrics and the JSON-RPC WebSocket at /ws.
+"""The Starlette app: /health, /ready, /metrics, the JSON-RPC WebSocket at /ws and the
+OpenAI-compatible HTTP API under /v1 (runtime.openai_api), on the same server state.
 
 The handshake (API key, Origin, connection limit, draining) is decided here; the connection
 itself is runtime.connection, the shared state runtime.server.
@@ -21,6 +22,7 @@ from runtime.backends.base import Backend
 from runtime.config import Config
 from runtime.connection import Connection
 from runtime.metrics import METRICS
+from runtime.openai_api import openai_routes
 from runtime.outbox import CLOSE_POLICY
 from runtime.server import Server
 
@@ -92,6 +94,7 @@ def build_app(cfg: Config, *, backend: Backend | None = None) -> Starlette:
             Route("/ready", ready),
             Route("/metrics", metrics),
             WebSocketRoute("/ws", ws_endpoint),
+            *openai_routes(server),
         ],
         lifespan=lifespan,
     )
