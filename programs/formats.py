@@ -25,6 +25,7 @@ family through this registry and keeps that list honest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,35 @@ DEFAULT_TOOLS_FOOTER = (
 )
 
 
+_QWEN25 = ToolFormat(
+    name="qwen25",
+    detector="qwen25",
+    call_begin='<tool_call>\n{"name": "{name}", "arguments": ',
+    call_end="}\n</tool_call>",
+    call_trigger="<tool_call>",
+    call_separator="\n",
+    json_separators=SPACED,
+    template_tools=True,
+    end_of_turn="<|im_end|>",
+    template_markers=("<tool_call>", "<|im_start|>"),
+)
+
+_DEEPSEEK_V3 = ToolFormat(
+    name="deepseekv3",
+    detector="deepseekv3",
+    call_begin="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+    call_end="\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    call_trigger="<｜tool▁calls▁begin｜>",
+    call_separator="",
+    max_calls=1,  # the detector's structure is one call per calls block
+    json_separators=SPACED,
+    template_tools=True,
+    end_of_turn="<｜end▁of▁sentence｜>",
+    atomic_markers=("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
+                    "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"),
+    template_markers=("<｜tool▁calls▁begin｜>",),
+)
+
 FORMATS: dict[str, ToolFormat] = {
     f.name: f
     for f in (
@@ -125,18 +155,7 @@ FORMATS: dict[str, ToolFormat] = {
             # trained on parallel calls leave this at None.
             max_calls=1,
         ),
-        ToolFormat(
-            name="qwen25",
-            detector="qwen25",
-            call_begin='<tool_call>\n{"name": "{name}", "arguments": ',
-            call_end="}\n</tool_call>",
-            call_trigger="<tool_call>",
-            call_separator="\n",
-            json_separators=SPACED,
-            template_tools=True,
-            end_of_turn="<|im_end|>",
-            template_markers=("<tool_call>", "<|im_start|>"),
-        ),
+        _QWEN25,
         ToolFormat(
             name="hermes",
             detector="hermes",
@@ -178,71 +197,19 @@ FORMATS: dict[str, ToolFormat] = {
             template_tools=True,
             template_markers=("[TOOL_CALLS]",),
         ),
-        ToolFormat(
-            name="deepseekv3",
-            detector="deepseekv3",
-            call_begin="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
-            call_end="\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
-            call_trigger="<｜tool▁calls▁begin｜>",
-            call_separator="",
-            max_calls=1,  # the detector's structure is one call per calls block
-            json_separators=SPACED,
-            template_tools=True,
-            end_of_turn="<｜end▁of▁sentence｜>",
-            atomic_markers=("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
-                            "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"),
-            template_markers=("<｜tool▁calls▁begin｜>",),
-        ),
+        _DEEPSEEK_V3,
         # ---- reasoning families (see the "Model families" section of README.md)
-        ToolFormat(
-            name="qwen3",  # Qwen3 hybrid thinking: <think>...</think> then Hermes-style calls
-            detector="qwen25",
-            call_begin='<tool_call>\n{"name": "{name}", "arguments": ',
-            call_end="}\n</tool_call>",
-            call_trigger="<tool_call>",
-            call_separator="\n",
-            json_separators=SPACED,
-            template_tools=True,
-            end_of_turn="<|im_end|>",
-            reasoning_parser="qwen3",
-            reasoning_forced=False,
-            reasoning_begin="<think>\n",
-            reasoning_end="</think>\n\n",
-            template_markers=("<tool_call>", "<|im_start|>", "<think>"),
-        ),
-        ToolFormat(
-            name="qwen3-thinking",  # Qwen3 Thinking-2507: the generation prompt opens <think>
-            detector="qwen25",
-            call_begin='<tool_call>\n{"name": "{name}", "arguments": ',
-            call_end="}\n</tool_call>",
-            call_trigger="<tool_call>",
-            call_separator="\n",
-            json_separators=SPACED,
-            template_tools=True,
-            end_of_turn="<|im_end|>",
-            reasoning_parser="qwen3",
-            reasoning_forced=True,
-            reasoning_end="</think>\n\n",
-            template_markers=("<tool_call>", "<|im_start|>", "<|im_start|>assistant\\n<think>\\n"),
-        ),
-        ToolFormat(
-            name="deepseek-r1",  # DeepSeek-R1: reasoning (the prompt opens <think>), then V3 calls
-            detector="deepseekv3",
-            call_begin="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
-            call_end="\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
-            call_trigger="<｜tool▁calls▁begin｜>",
-            call_separator="",
-            max_calls=1,
-            json_separators=SPACED,
-            template_tools=True,
-            end_of_turn="<｜end▁of▁sentence｜>",
-            reasoning_parser="deepseek-r1",
-            reasoning_forced=True,
-            reasoning_end="</think>\n\n",
-            atomic_markers=("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
-                            "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"),
-            template_markers=("<｜tool▁calls▁begin｜>", "<think>"),
-        ),
+        # Qwen3 hybrid thinking: <think>...</think> then Hermes-style calls
+        dataclasses.replace(_QWEN25, name="qwen3", reasoning_parser="qwen3", reasoning_forced=False,
+                            reasoning_begin="<think>\n", reasoning_end="</think>\n\n",
+                            template_markers=("<tool_call>", "<|im_start|>", "<think>")),
+        # Qwen3 Thinking-2507: the generation prompt opens <think>
+        dataclasses.replace(_QWEN25, name="qwen3-thinking", reasoning_parser="qwen3", reasoning_forced=True,
+                            reasoning_end="</think>\n\n",
+                            template_markers=("<tool_call>", "<|im_start|>", "<|im_start|>assistant\\n<think>\\n")),
+        # DeepSeek-R1: reasoning (the prompt opens <think>), then V3 calls
+        dataclasses.replace(_DEEPSEEK_V3, name="deepseek-r1", reasoning_parser="deepseek-r1", reasoning_forced=True,
+                            reasoning_end="</think>\n\n", template_markers=("<｜tool▁calls▁begin｜>", "<think>")),
         ToolFormat(
             name="pythonic",
             detector="pythonic",
