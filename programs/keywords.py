@@ -355,10 +355,11 @@ def _too_many_branches(value: Any, max_branches: int, pointer: str = "#") -> tup
     return None
 
 
-def check_parameters(name: str, params: Any, *, max_branches: int = MAX_BRANCHES) -> None:
+def check_parameters(name: str, params: Any, *, max_branches: int = MAX_BRANCHES, object_root: bool = True) -> None:
     """Refuse `params` unless the grammar holds it (ToolSchemaError names the keyword and pointer).
     Bounded first: more than `max_branches` branches in one anyOf/oneOf/allOf is refused before
-    the checks whose cost grows with the branches (oneOf disjointness compares every pair)."""
+    the checks whose cost grows with the branches (oneOf disjointness compares every pair).
+    object_root=False: the root may describe any JSON value (a response format's schema)."""
     too_many = _too_many_branches(params, max_branches)
     if too_many:
         keyword, pointer, n = too_many
@@ -369,7 +370,7 @@ def check_parameters(name: str, params: Any, *, max_branches: int = MAX_BRANCHES
     except jsonschema.SchemaError as exc:
         pointer = "#" + "".join(f"/{p}" for p in exc.path)
         raise ToolSchemaError(name, f"not a valid JSON Schema (Draft 2020-12): {exc.message}", pointer=pointer) from None
-    if not isinstance(params, dict) or params.get("type") != "object":
+    if not isinstance(params, dict) or (object_root and params.get("type") != "object"):
         raise ToolSchemaError(name, "parameters must be a JSON Schema with `type: object` (arguments are a JSON object)",
                               keyword="type")
     for sub, pointer, in_place in _walk(params):

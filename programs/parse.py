@@ -114,8 +114,9 @@ class StreamParser:
         self._answer_started = False
         # Formats whose calls can only open the message (text_before_calls False): the text is
         # held until it shows whether it starts with a call; if not, the detector never sees it
-        # (llama3's detector would take any leading JSON object for a call).
-        self._lead = "" if (not fmt.text_before_calls and fmt.call_trigger) else None
+        # (llama3's detector would take any leading JSON object for a call). A response format's
+        # turn is the same: its calls or its JSON value, and a JSON string may hold the trigger.
+        self._lead = "" if ((not fmt.text_before_calls or program.response) and fmt.call_trigger) else None
         self._marker_hold = ""
         markers = sorted(fmt.atomic_markers, key=len, reverse=True)
         self._markers = re.compile("(" + "|".join(map(re.escape, markers)) + ")") if markers else None

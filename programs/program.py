@@ -22,6 +22,17 @@ begin the call trigger or begin text (text may precede the calls, as in Qwen/Her
 Nothing else steers it; a model that was never trained on the format (the 135M default model)
 mostly answers in text when it may, and `required` or a named tool_choice is how a client
 forces a call.
+
+A response format (programs.response: json_object, json_schema) replaces the free text by one
+JSON value, generated like arguments (compact, no free whitespace, held to the schema):
+
+    none       the JSON value, then the end of turn
+    auto       either the JSON value or the calls (no free text: the turn is one or the other)
+    required, named   the calls, as without a response format
+
+A format's reasoning block still comes first. A format whose calls cannot be constrained
+(pythonic) gets the JSON constraint only when no call is possible; otherwise it stays
+unconstrained and the JSON is checked after the turn (runtime.turn), as it always is.
 """
 
 from __future__ import annotations
@@ -32,9 +43,10 @@ from functools import lru_cache
 from typing import Any
 
 from programs.formats import ToolFormat
+from programs.response import COMPACT, ResponseFormat
 from programs.schema import canonical_tools
 
-__all__ = ["Constraint", "ToolProgram", "normalize_tool_choice"]
+__all__ = ["Constraint", "ToolProgram", "normalize_tool_choice", "response_grammar"]
 
 
 @dataclass(frozen=True)
@@ -84,14 +96,24 @@ def arguments_grammar(parameters_json: str, separators: tuple[str, str]) -> str:
     return ebnf
 
 
+def response_grammar(fmt: ResponseFormat) -> str:
+    """EBNF of a response format's JSON value: compact, like arguments (cached with them)."""
+    return arguments_grammar(fmt.schema_json, COMPACT)
+
+
 class ToolProgram:
     """One turn's tool-call program: the constraint to decode with and the parser of its output."""
 
     def __init__(self, fmt: ToolFormat, tools: list[dict] | None, *, tool_choice: Any = "auto",
-                 parallel_tool_calls: bool = True, end_of_turn: str | None = None):
+                 parallel_tool_calls: bool = True, end_of_turn: str | None = None,
+                 response_format: ResponseFormat | dict | None = None):
         """end_of_turn: the text of the end-of-turn token (Renderer.end_of_turn), stripped by the
-        parser; defaults to the format's, else the common ones (<|im_end|>, <|eot_id|>, ...)."""
+        parser; defaults to the format's, else the common ones (<|im_end|>, <|eot_id|>, ...).
+        response_format: a ResponseFormat or its wire shape (programs.response); None or
+        {"type": "text"}: free text."""
         self.fmt = fmt
+        self.response = (response_format if isinstance(response_format, ResponseFormat) or response_format is None
+                         else ResponseFormat.from_wire(response_format))
         self.end_of_turn = end_of_turn or fmt.end_of_turn
         self.tools = canonical_tools(tools)
         self.tool_names = [t["function"]["name"] for t in self.tools]
@@ -109,6 +131,9 @@ class ToolProgram:
     def structural_tag(self) -> dict | None:
         """The xgrammar structural tag (as a dict) of the whole turn, or None (unconstrained)."""
         fmt = self.fmt
+        answer = self._answer()
+        if answer is not None and self.mode == "none":
+            return self._turn(answer)
         if not fmt.constrainable or fmt.call_begin is None:
             return None
         if self.mode == "none":
@@ -125,7 +150,9 @@ class ToolProgram:
             "stop_after_first": self.max_calls == 1 or self.mode == "named",
         }
         turn: dict[str, Any]
-        if self.mode == "auto":
+        if self.mode == "auto" and answer is not None:
+            turn = {"type": "or", "elements": [answer, calls]}
+        elif self.mode == "auto":
             text = {"type": "any_text", "excludes": [fmt.call_trigger]}
             if fmt.text_before_calls:
                 turn = {"type": "sequence", "elements": [text, {"type": "optional", "content": calls}]}
@@ -133,10 +160,20 @@ class ToolProgram:
                 turn = {"type": "or", "elements": [text, calls]}
         else:
             turn = calls
+        return self._turn(turn)
+
+    def _turn(self, turn: dict) -> dict:
+        """The whole turn: the reasoning block (formats that have one), then `turn`."""
         reasoning = self._reasoning()
         if reasoning is not None:
             turn = {"type": "sequence", "elements": [reasoning, turn]}
         return {"type": "structural_tag", "format": turn}
+
+    def _answer(self) -> dict | None:
+        """The response format's JSON value as a structural-tag element (None: no format)."""
+        if self.response is None:
+            return None
+        return {"type": "grammar", "grammar": response_grammar(self.response)}
 
     def _reasoning(self) -> dict | None:
         """The reasoning block the model may write before its answer (required when the

@@ -90,9 +90,23 @@ class Renderer:
         messages = list(messages)
         if messages and messages[0].get("role") == "system" and system_prompt is None:
             system_prompt, messages = messages[0].get("content") or "", messages[1:]
+        return [self.prefix_text(system_prompt, tools)] + self.history_segments(messages)
+
+    def tail_ids(self, messages: list[dict], *, close_previous: bool) -> list[int]:
+        """The ids of the messages after an assistant message whose ids are known (a continued
+        history): segment by segment as full_ids renders them, with the end-of-turn token first
+        when that assistant output had not written it (close_previous, as turn_ids)."""
+        ids = list(self.end_of_turn_ids) if close_previous else []
+        for segment in self.history_segments(messages):
+            ids += self._encode(segment)
+        return ids
+
+    def history_segments(self, messages: list[dict]) -> list[str]:
+        """The messages after the prefix as texts: each turn of user / tool / system messages,
+        each assistant message; the history ends with a turn (a user or tool message)."""
         if not messages or messages[-1].get("role") == "assistant":
             raise RenderError("the history must end with a user or tool message")
-        out = [self.prefix_text(system_prompt, tools)]
+        out: list[str] = []
         group: list[dict] = []
         for m in messages:
             if m.get("role") == "assistant":

@@ -172,6 +172,40 @@ def _tool_choice_problem(tool_choice: str | ToolChoiceFunction, tools: Sequence[
     return None
 
 
+class JsonSchemaFormat(_Params):
+    """The schema of a json_schema response format (OpenAI's shape)."""
+
+    name: ToolName
+    description: Text | None = None
+    schema_: Annotated[dict[str, Any], AfterValidator(_unicode_json)] = Field(
+        alias="schema", description="A JSON Schema (any root type) the text of the turn is an instance of. "
+        "Checked like a tool's parameters: a keyword the constrained decoder cannot enforce is -32003.")
+    strict: bool | None = Field(
+        default=None, description="Accepted for OpenAI compatibility; the text is always held to the schema.")
+
+
+class ResponseFormat(_Params):
+    """What the text of a turn is: free text, one JSON object, or one instance of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(
+        default=None, validate_default=True, description='Required with type "json_schema", and only there.')
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema(cls, value: JsonSchemaFormat | None, info: ValidationInfo) -> JsonSchemaFormat | None:
+        kind = info.data.get("type")
+        if kind == "json_schema" and value is None:
+            raise _fail('required with type "json_schema": {"name": ..., "schema": {...}}')
+        if kind is not None and kind != "json_schema" and value is not None:
+            raise _fail(f'only with type "json_schema", not {kind!r}')
+        return value
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON shape (the schema under its wire name "schema")."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 # --------------------------------------------------------------------------- method params / results
 
 
@@ -210,6 +244,9 @@ class GenerateRequestParams(_Params):
         default=None, description="At most limits.max_stop_sequences strings (default 16), each of at most "
         "limits.max_stop_chars characters (default 128).")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    response_format: ResponseFormat | None = Field(
+        default=None, description='{"type": "text"} (the default), {"type": "json_object"} or {"type": "json_schema", '
+        '"json_schema": {"name", "schema", "strict"?, "description"?}}: the text of the turn is one JSON value.')
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -325,7 +362,7 @@ class DiscoverResult(RootModel[dict[str, Any]]):
 
 __all__ = [
     "PROTOCOL_VERSION", "TOOL_NAME_PATTERN", "MAX_STOP_SEQUENCES", "RequestLimits", "EMPTY_PARAMETERS",
-    "RequestId", "FinishReason", "Role", "ToolChoice",
+    "RequestId", "FinishReason", "Role", "ToolChoice", "ResponseFormat", "JsonSchemaFormat",
     "FunctionDefinition", "Tool", "ToolCall", "HistoryMessage", "ToolChoiceName", "ToolChoiceFunction",
     "check_tool_choice",
     "SessionOpenParams", "SessionOpenResult", "GenerateRequestParams", "Usage", "Timings",

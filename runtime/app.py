@@ -1,5 +1,6 @@
 """The Starlette app: /health, /ready, /metrics, the JSON-RPC WebSocket at /ws and the
-OpenAI-compatible HTTP API under /v1 (runtime.openai_api), on the same server state.
+OpenAI-compatible HTTP API under /v1 (runtime.openai_api, runtime.openai_responses), on the
+same server state.
 
 The handshake (API key, Origin, connection limit, draining) is decided here; the connection
 itself is runtime.connection, the shared state runtime.server.
@@ -23,6 +24,7 @@ from runtime.config import Config
 from runtime.connection import Connection
 from runtime.metrics import METRICS
 from runtime.openai_api import openai_routes
+from runtime.openai_responses import responses_routes
 from runtime.outbox import CLOSE_POLICY
 from runtime.server import Server
 
@@ -95,6 +97,7 @@ def build_app(cfg: Config, *, backend: Backend | None = None) -> Starlette:
             Route("/metrics", metrics),
             WebSocketRoute("/ws", ws_endpoint),
             *openai_routes(server),
+            *responses_routes(server),
         ],
         lifespan=lifespan,
     )

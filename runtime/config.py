@@ -170,6 +170,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_sessions", _int(minimum=1), "1024", "Most sessions open at once in the server.", "limits"),
     Setting("max_sessions_per_key", _int(minimum=1), "256", "Most sessions open at once per API key (or per server without a key).", "limits"),
     Setting("session_ttl_s", _int(minimum=1), "1800", "Seconds a session may sit idle before it is closed.", "limits"),
+    Setting("continuation_bytes", _int(minimum=0), "67108864", "Memory per API key (or per server without a key) for the token ids of stateless turns, so that a re-sent history continues from the exact tokens the model generated (docs/OPENAI_API.md, 'Exact tokens'); least recently used first out. 0: off (every stateless request renders its history).", "limits"),
+    Setting("continuation_ttl_s", _int(minimum=1), "1800", "Seconds a recorded stateless turn may sit unused before it is forgotten.", "limits"),
     Setting("max_tokens_cap", _int(minimum=1), "4096", "Upper bound on a request's max_tokens.", "limits"),
     Setting("default_max_tokens", _int(minimum=1), "256", "max_tokens when a request gives none.", "limits"),
     Setting("max_queue", _int(minimum=1), "128", "Most generate requests queued or running in the engine; beyond, -32000 with retry_after_ms.", "limits"),
@@ -224,6 +226,8 @@ class Config:
     max_sessions: int
     max_sessions_per_key: int
     session_ttl_s: int
+    continuation_bytes: int
+    continuation_ttl_s: int
     max_tokens_cap: int
     default_max_tokens: int
     max_queue: int

@@ -38,6 +38,9 @@ class Metrics:
         self.completion_tokens = Counter("agent_runtime_completion_tokens", "Completion tokens", registry=r)
         self.cache_hit_ratio = Gauge("agent_runtime_prefix_cache_hit_ratio", "cached_tokens / prompt_tokens since start", registry=r)
         self.finish = Counter("agent_runtime_turns", "Turns by finish_reason", ["finish_reason"], registry=r)
+        self.continuations = Counter(
+            "agent_runtime_stateless_prompts", "Stateless turns with the continuation store on, by lookup: 'exact' "
+            "(continued from a recorded turn's ids), 'edited' (minted call ids, changed history), 'none'", ["outcome"], registry=r)
         self.invalid_calls = Counter("agent_runtime_invalid_tool_calls", "Tool calls that failed schema validation (never sent)", registry=r)
         self.engine_ready = Gauge("agent_runtime_engine_ready", "1 when the engine serves requests", registry=r)
         self.engine_restarts = Counter("agent_runtime_engine_restarts", "Engine restarts after a failure", registry=r)

@@ -116,7 +116,7 @@ class _Generation:
             reason = self.peer.failure or "the request was cancelled"
             self.error = rpc.EngineUnavailable(f"{reason}; the runtime is restarting it")
         except Exception as exc:
-            log.exception("chat completion failed")
+            log.exception("/v1 generate failed")
             self.error = rpc.InternalError(f"internal error: {type(exc).__name__}")
         finally:
             METRICS.generates_inflight.dec()
@@ -151,42 +151,27 @@ def openai_routes(server: Server) -> list[Route]:
     """The /v1 routes on `server` (add them to the Starlette app next to /ws)."""
     created = int(time.time())
 
-    def served_model() -> str:
-        try:
-            return server.backend.info.model
-        except Exception:
-            raise OpenAIError(503, "the engine is not ready (starting, restarting, or stopped); retry shortly",
-                              type="service_unavailable_error", code="engine_unavailable",
-                              headers={"retry-after-ms": "1000", "retry-after": "1"}) from None
-
     def card(model: str) -> dict[str, Any]:
         return {"id": model, "object": "model", "created": created, "owned_by": OWNED_BY}
 
-    def authorize(request: Request) -> str:
-        owner = server.owner_for(request.headers)
-        if owner is None:
-            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        return owner
-
     async def list_models(request: Request) -> Response:
-        authorize(request)
-        return JSONResponse({"object": "list", "data": [card(served_model())]})
+        authorize(server, request)
+        return JSONResponse({"object": "list", "data": [card(served_model(server))]})
 
     async def get_model(request: Request) -> Response:
-        authorize(request)
-        model, wanted = served_model(), request.path_params["model_id"]
+        authorize(server, request)
+        model, wanted = served_model(server), request.path_params["model_id"]
         if wanted != model:
             raise OpenAIError(404, f"The model {wanted!r} does not exist; this server serves {model!r}",
                               param="model", code="model_not_found")
         return JSONResponse(card(model))
 
     async def chat_completions(request: Request) -> Response:
-        owner = authorize(request)
-        if server.draining:
-            raise OpenAIError(503, "the server is shutting down", type="service_unavailable_error", code="engine_unavailable")
+        owner = authorize(server, request)
+        refuse_when_draining(server)
         req = parse_request(await _body(request, server.cfg.max_frame_bytes))
         params, offset = to_generate(req, server.limits)
-        model = served_model()
+        model = served_model(server)
         gen = _Generation(server, params, owner)
         reasoning: list[str] = []
         try:
@@ -214,13 +199,37 @@ def openai_routes(server: Server) -> list[Route]:
         if out.tool_calls:
             message["tool_calls"] = [_call(c) for c in out.tool_calls]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": FINISH.get(out.finish_reason, "stop")}
-        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(out)})
+        return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(out)},
+                            headers={"server-timing": _server_timing(out)})
 
     return [
         Route("/v1/models", _handler("openai.models", list_models), methods=["GET"]),
         Route("/v1/models/{model_id:path}", _handler("openai.models", get_model), methods=["GET"]),
         Route("/v1/chat/completions", _handler("openai.chat.completions", chat_completions), methods=["POST"]),
     ]
+
+
+def served_model(server: Server) -> str:
+    """The model the engine serves; 503 while it is not ready."""
+    try:
+        return server.backend.info.model
+    except Exception:
+        raise OpenAIError(503, "the engine is not ready (starting, restarting, or stopped); retry shortly",
+                          type="service_unavailable_error", code="engine_unavailable",
+                          headers={"retry-after-ms": "1000", "retry-after": "1"}) from None
+
+
+def authorize(server: Server, request: Request) -> str:
+    """The request's owner (API key identity); 401 without a valid key."""
+    owner = server.owner_for(request.headers)
+    if owner is None:
+        raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    return owner
+
+
+def refuse_when_draining(server: Server) -> None:
+    if server.draining:
+        raise OpenAIError(503, "the server is shutting down", type="service_unavailable_error", code="engine_unavailable")
 
 
 def _handler(method: str, fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -262,6 +271,12 @@ async def _body(request: Request, limit: int) -> bytes:
 def _call(call: dict[str, Any]) -> dict[str, Any]:
     return {"id": call["call_id"], "type": "function",
             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+
+
+def _server_timing(out: TurnOutcome) -> str:
+    """The turn's own timings (W3C Server-Timing, ms): a client sees a tool call only when complete."""
+    ttft = [] if out.ttft_ms is None else [f"ttft;dur={out.ttft_ms:.3f}"]
+    return ", ".join([*ttft, f"total;dur={out.total_ms:.3f}"])
 
 
 def _usage(out: TurnOutcome) -> dict[str, Any]:

@@ -59,8 +59,19 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(_Req):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Req):
-    type: Literal["text"]
+    """text, json_object or json_schema; checked (name, schema, keywords) as the generate's
+    response_format (protocol.models.ResponseFormat)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
 
 
 class ChatCompletionRequest(_Req):
@@ -81,7 +92,7 @@ class ChatCompletionRequest(_Req):
     n: Literal[1] | None = None  # several choices: not supported
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None  # json_object / json_schema: not yet
+    response_format: ResponseFormat | None = None
     logprobs: Literal[False] | None = None  # not supported
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -118,6 +129,9 @@ def from_rpc(exc: rpc.RpcError, *, offset: int = 0) -> OpenAIError:
         return bad_request(f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
                            f"at least {tokens} tokens. ({exc.message})", param="messages", code="context_length_exceeded")
     if exc.code == rpc.UNSUPPORTED_TOOL_SCHEMA:
+        if data.get("field") == "response_format":
+            return bad_request(f"{exc.message} (keyword {data.get('keyword')!r})", param="response_format",
+                               code="unsupported_tool_schema")
         return bad_request(f"{exc.message} (tool {data.get('tool')!r}, keyword {data.get('keyword')!r})",
                            param="tools", code="unsupported_tool_schema")
     if exc.code == rpc.SESSION_NOT_FOUND:
@@ -189,6 +203,8 @@ def to_generate(req: ChatCompletionRequest, limits: RequestLimits) -> tuple[Gene
         params["tool_choice"] = req.tool_choice
     if req.parallel_tool_calls is not None:
         params["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.response_format is not None:
+        params["response_format"] = req.response_format.model_dump(by_alias=True, exclude_none=True)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     for key, value in (("max_tokens", max_tokens), ("temperature", req.temperature), ("top_p", req.top_p),

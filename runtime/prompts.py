@@ -3,6 +3,7 @@ checked cheaply, and what is rendered is cached within bounds.
 
     check_tools / sized_tools   the canonical tools, or the client's error; the size bound
                                 (max_tools_bytes) comes before any schema work
+    checked_response_format     the same for a generate's response_format schema
     content_chars, longest_token  a lower bound on a prompt's tokens without rendering it
     rendered                    render, with what the template cannot express as -32602
     PrefixCache                 rendered agent prefixes, bounded in entries and tokens
@@ -15,7 +16,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import programs
 from protocol import errors as rpc
@@ -100,6 +101,45 @@ def sized_tools(tools: list[dict[str, Any]], max_bytes: int, max_branches: int) 
         message = f"{size} bytes as compact JSON: at most {max_bytes} (limits.max_tools_bytes)"
         raise rpc.InvalidParams(f"Invalid params: tools: {message}", {"errors": [{"field": "tools", "message": message}]})
     return check_tools(tools, max_branches=max_branches)
+
+
+def checked_response_format(response_format: dict[str, Any] | None, max_bytes: int, max_branches: int, *,
+                            chat_backend: bool = False) -> programs.ResponseFormat | None:
+    """A response_format checked like a tool set: its schema's size (max_tools_bytes) first, then
+    the schema checks, then its grammar compiled (cached for the turn's constraint). Errors name
+    the field `response_format`: -32602, or -32003 with data.tool the schema's name and
+    data.field "response_format". Run it in a worker thread: the checks cost with the schema.
+    A chat backend (its server decodes) has no response format here: -32602."""
+    if chat_backend and response_format and response_format.get("type") != "text":
+        _response_format_error(f"{response_format.get('type')!r} needs a token backend (INFERENCE_BACKEND embedded, sglang "
+                               "or fake), not a chat backend")
+    spec = (response_format or {}).get("json_schema") or {}
+    if "schema" in spec:
+        size = len(json.dumps(spec["schema"], ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            _response_format_error(f"json_schema.schema is {size} bytes as compact JSON: at most {max_bytes} "
+                                   "(limits.max_tools_bytes)")
+    try:
+        fmt = programs.check_response_format(response_format, max_branches=max_branches)
+    except programs.ToolSchemaError as exc:
+        where = f" at {exc.pointer}" if exc.pointer != "#" else ""
+        message = f"response_format json_schema {exc.tool!r}{where}: {exc.reason}"
+        if exc.keyword:
+            error = rpc.UnsupportedToolSchema(exc.tool or "", exc.keyword, message)
+            assert error.data is not None
+            error.data["field"] = "response_format"
+            raise error from None
+        _response_format_error(message)
+    except ValueError as exc:
+        _response_format_error(str(exc))
+    if fmt is not None:
+        programs.response_grammar(fmt)
+    return fmt
+
+
+def _response_format_error(message: str) -> NoReturn:
+    raise rpc.InvalidParams(f"Invalid params: response_format: {message}",
+                            {"errors": [{"field": "response_format", "message": message}]})
 
 
 def longest_token(tokenizer: Any) -> int:

@@ -49,8 +49,9 @@ from runtime.backends.base import (
 )
 from runtime.chat_turn import chat_messages, chat_tools, run_chat_turn
 from runtime.config import Config
+from runtime.continuations import ContinuationStore, open_turn, stateless_prompt
 from runtime.metrics import METRICS
-from runtime.prompts import PrefixCache, check_tools, content_chars, longest_token, rendered, sized_tools
+from runtime.prompts import PrefixCache, check_tools, checked_response_format, content_chars, longest_token, rendered, sized_tools
 from runtime.sessions import Session, SessionLimit, SessionNotFound, SessionStore
 from runtime.turn import KEPT, Emit, TurnOutcome, random_call_id, run_token_turn
 
@@ -74,6 +75,7 @@ class AgentRuntime:
         self._prefix_cache = PrefixCache()
         self._token_chars: int | None = None  # the most characters one token can stand for
         self.active = 0  # generate requests admitted to the backend (bounded by max_queue)
+        self.continuations = ContinuationStore(max_bytes=cfg.continuation_bytes, ttl_s=cfg.continuation_ttl_s)
 
     # ------------------------------------------------------------------ the program
     def _token_backend(self) -> TokenBackend:
@@ -95,8 +97,10 @@ class AgentRuntime:
 
     def program(self, tools: list[dict[str, Any]], params: GenerateRequestParams) -> programs.ToolProgram:
         choice = params.tool_choice if isinstance(params.tool_choice, str) else params.tool_choice.model_dump()
+        # response_format was checked (and its grammar compiled) by checked_response_format
+        response = params.response_format.wire() if params.response_format is not None else None
         return programs.ToolProgram(self.fmt, tools, tool_choice=choice, parallel_tool_calls=params.parallel_tool_calls,
-                                    end_of_turn=self.renderer.end_of_turn)
+                                    end_of_turn=self.renderer.end_of_turn, response_format=response)
 
     def sampling(self, params: GenerateRequestParams, program: programs.ToolProgram, prompt_tokens: int) -> Sampling:
         """The engine's sampling for a prompt of `prompt_tokens`; -32002 when it leaves no room."""
@@ -133,6 +137,12 @@ class AgentRuntime:
         if not tools:
             return self.check_tools(tools)
         return await asyncio.to_thread(sized_tools, tools, self.cfg.max_tools_bytes, self.cfg.max_schema_branches)
+
+    async def checked_response_format(self, params: GenerateRequestParams) -> None:
+        """A generate's response_format checked like tools and its grammar compiled, off the event loop."""
+        if params.response_format is not None and params.response_format.type != "text":
+            await asyncio.to_thread(checked_response_format, params.response_format.wire(), self.cfg.max_tools_bytes,
+                                    self.cfg.max_schema_branches, chat_backend=isinstance(self.backend, ChatBackend))
 
     async def token_chars(self) -> int:
         """An upper bound on the characters one token decodes to: the longest vocabulary entry
@@ -248,9 +258,11 @@ class AgentRuntime:
         started = time.perf_counter()
         self._check_max_tokens(params)
         rid = rid or uuid.uuid4().hex
+        await self.checked_response_format(params)
         if params.session_id is None:
             tools = await self.checked_tools(_dumps(params.tools))
             turn = _Turn(params, None, tools, [m.model_dump(exclude_none=True) for m in params.messages], rid, started)
+            turn.owner = owner
             return await self._run(turn, emit, cancelled)
         try:
             session = self.sessions.get(params.session_id, owner=owner)
@@ -288,6 +300,7 @@ class AgentRuntime:
 
     async def _tokens(self, backend: TokenBackend, turn: _Turn, emit: Emit, cancelled: asyncio.Event) -> TurnOutcome:
         p, session = turn.params, turn.session
+        record: Callable[[TurnOutcome], None] | None = None
         # Rendering and tokenizing a history is long for a long one: a cheap bound first (its
         # characters against the context), then the work in a worker thread, off the event loop.
         if session is None:
@@ -295,7 +308,7 @@ class AgentRuntime:
             if system is None and messages and messages[0]["role"] == "system":
                 system, messages = messages[0].get("content") or "", messages[1:]
             await self._check_chars(len(system or "") + content_chars(messages))
-            prompt = await asyncio.to_thread(rendered, self.renderer.full_ids, system, turn.tools, messages)
+            prompt, record = await stateless_prompt(self.continuations, self.renderer, turn.owner, system, turn.tools, messages)
         else:
             await self._check_chars(content_chars(turn.messages), base_tokens=len(session.token_ids))
             new = await asyncio.to_thread(rendered, self.renderer.turn_ids, turn.messages, close_previous=session.open_turn)
@@ -309,9 +322,11 @@ class AgentRuntime:
                                        emit=emit, cancelled=cancelled, new_call_id=turn.new_call_id, started=turn.started)
         finally:
             self.active -= 1
+        if record is not None and out.finish_reason in KEPT:
+            record(out)
         if session is not None and out.finish_reason in KEPT:
             session.token_ids = prompt + out.output_ids
-            session.open_turn = not (out.output_ids and out.output_ids[-1] in self.renderer.stop_token_ids)
+            session.open_turn = open_turn(self.renderer, out.output_ids)
             session.pending_calls = out.pending_calls()
             session.turns += 1
         return out
@@ -358,6 +373,7 @@ class _Turn:
         self.rid = rid
         self.started = started
         self.new_call_id: Callable[[], str] = session.next_call_id if session is not None else random_call_id
+        self.owner = session.owner if session is not None else ""
 
 
 def _check_not_busy(session: Session) -> None:

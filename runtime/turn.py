@@ -25,6 +25,8 @@ The contract:
   cancellation of the caller's own task propagates.
 - Setting `cancelled` stops the stream (the backend frees the engine slot) and ends the turn
   with 'cancelled'.
+- With a response format (program.response), the text of a turn that ended on its own is
+  validated as one JSON value of that format before the turn is accepted (check_response).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from programs import InvalidOutput, ReasoningDelta, StreamParser, TextDelta, ToolCallEvent, ToolProgram, validate_arguments
+from programs import InvalidOutput, ReasoningDelta, StreamParser, TextDelta, ToolCallEvent, ToolProgram, validate_arguments, validate_response
 from protocol import errors as rpc
 from protocol.models import FinishReason, GenerateResult, Timings, Usage
 from runtime.backends.base import (
@@ -223,6 +225,7 @@ async def run_token_turn(
         if delta:
             handle(parser.feed(delta))
         handle(parser.finish())
+        check_response(program, delivery.events, engine_finish[0], request.sampling.stop)
         mark_clean(True)
         # The whole output parsed without fault: the turn cannot fail any more; held calls go.
         await delivery.send(clean[0], final=True)
@@ -239,6 +242,23 @@ async def run_token_turn(
         out.error = rpc.InternalError("the engine aborted the request")
     METRICS.observe_turn(out)
     return out
+
+
+def check_response(program: ToolProgram, events: list[tuple[str, dict[str, Any]]], engine_finish: str | None,
+                   stop: tuple[str, ...]) -> None:
+    """A response-format turn that ended on its own (no calls, not cut by max_tokens, an abort or
+    a client's stop string): its text must be one JSON value valid in the format. The grammar
+    makes it so; this is the cross-check, as calls are validated (the text has streamed already:
+    a failure fails the turn, which a session then does not keep)."""
+    fmt = program.response
+    if fmt is None or engine_finish in ("length", "abort") or stop:
+        return
+    if any(kind == "function_call_request" for kind, _ in events):
+        return
+    text = "".join(payload["text"] for kind, payload in events if kind == "text_chunk")
+    problems = validate_response(fmt, text)
+    if problems:
+        raise InvalidModelOutput(f"the model's text is not valid for response_format {fmt.kind}: {'; '.join(problems[:3])}")
 
 
 async def drive(pump: Callable[[], Coroutine[Any, Any, None]], out: TurnOutcome, cancelled: asyncio.Event,
