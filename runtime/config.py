@@ -147,6 +147,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("context_length", _int(minimum=128, allow_zero_auto=True), "0", "Maximum tokens per sequence (prompt + completion). 0: the model's own limit."),
     Setting("kv_cache_tokens", _int(minimum=1024, allow_zero_auto=True), "0", "KV-cache capacity in tokens (SGLang max_total_tokens). 0: 65536 on cpu (about 1.5 GB for the default model), SGLang's sizing from INFERENCE_MEM_FRACTION_STATIC on cuda."),
     Setting("mem_fraction_static", _float(minimum=0.05, maximum=0.95), "0.8", "Fraction of device memory SGLang may hold for weights and KV cache on cuda (on cpu the KV cache is bounded by INFERENCE_KV_CACHE_TOKENS instead)."),
+    Setting("engine_metrics", _choice("auto", "on", "off"), "auto", "SGLang's own Prometheus metrics (cache hit rate, queue, token usage), rendered after the runtime's in /metrics. auto: on with cuda, off on cpu, where collecting them on every scheduler step cost about a fifth of decode speed (docs/BENCHMARKS.md). The runtime's own metrics are always on."),
     Setting("radix_cache", _bool, "true", "RadixAttention prefix cache. Turn off only to measure what it buys (the benchmark's no-radix mode)."),
     Setting("cuda_graph", _bool, "true", "Capture CUDA graphs for decode on cuda (ignored on cpu, where SGLang's CPU graph needs Intel AMX)."),
     Setting("tp_size", _int(minimum=1, maximum=64), "1", "Tensor-parallel GPUs for the embedded engine (cuda only)."),
@@ -205,6 +206,7 @@ class Config:
     context_length: int
     kv_cache_tokens: int
     mem_fraction_static: float
+    engine_metrics: str
     radix_cache: bool
     cuda_graph: bool
     tp_size: int

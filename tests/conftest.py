@@ -39,7 +39,8 @@ test_config.__test__ = False  # a helper, not a test
 
 @pytest.fixture(scope="session")
 def cfg():
-    return test_config()
+    # SGLang's own metrics on (off by default on CPU) so that the engine tests see them in /metrics.
+    return test_config(INFERENCE_ENGINE_METRICS="on")
 
 
 @pytest_asyncio.fixture(scope="session")

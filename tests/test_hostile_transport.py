@@ -527,7 +527,14 @@ def test_embedded_engine_is_asked_for_its_metrics():
     from runtime.backends.embedded import engine_kwargs
     from runtime.config import resolve_device
 
-    assert engine_kwargs(resolve_device(test_config(), has_cuda=False), "/m")["enable_metrics"] is True
+    def metrics(has_cuda: bool, **env: str) -> bool:
+        cfg = test_config(**env).replace(device="auto")  # loaded for this machine: resolve it again
+        return engine_kwargs(resolve_device(cfg, has_cuda=has_cuda), "/m")["enable_metrics"]
+
+    assert metrics(False) is False  # auto: off on CPU, where they cost decode speed
+    assert metrics(True) is True
+    assert metrics(False, INFERENCE_ENGINE_METRICS="on") is True
+    assert metrics(True, INFERENCE_ENGINE_METRICS="off") is False
 
 
 @pytest.mark.engine
