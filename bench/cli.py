@@ -1,11 +1,13 @@
 """`python -m bench`: the prefix-cache throughput benchmark on multi-turn tool-calling agents.
 
-    python -m bench [--quick] [--modes server,engine,rerender,no-radix,hf]
+    python -m bench [--quick] [--modes server,engine,rerender,openai,no-radix,hf]
                     [--sessions S --turns T --agents G --tools K --concurrency C
                      --prefix-tokens N --result-tokens N --user-tokens N --seed N] [--out DIR]
 
 Runs the same seeded workload through every selected mode, shows a progress bar, prints a
 markdown table, and with --out writes results.json, results.md and PNG plots there.
+`--modes engine,llamacpp` adds llama.cpp's own server on the same model (built once on first
+use, see --llamacpp-dir); it runs only when named.
 Engine settings (model, device, KV capacity ...) come from INFERENCE_* / .env as for the server.
 """
 
@@ -27,8 +29,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small preset (about 3 minutes on 2 CPU cores)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named preset (default: default; --quick = quick)")
-    p.add_argument("--modes", help="comma-separated modes: server, engine, rerender, no-radix, hf (default: all); "
-                   "server, engine and rerender run in the order given, no-radix and hf after them")
+    p.add_argument("--modes", help="comma-separated modes: server, engine, rerender, openai, no-radix, hf (default: all); "
+                   "server, engine, rerender and openai run in the order given, no-radix and hf after them")
     d = PRESETS["default"]
     helps = {
         "sessions": "S: sessions", "turns": "T: model turns per session", "agents": "G: agent definitions",
@@ -43,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                        help=f"{helps[name]} (default preset: {getattr(d, name)})")
     p.add_argument("--out", help="directory for results.json, results.md and plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--llamacpp-dir", help="the llamacpp mode (only when named in --modes, with engine, no-radix or "
+                   "rerender, whose token ids it replays): where llama.cpp's server is built on first use "
+                   "(default: $BENCH_LLAMACPP_DIR, else ~/.cache/agent-runtime/llama.cpp/VERSION)")
     return p
 
 
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prepare(cfg.device)  # before anything imports sglang (and before the event loop exists)
     try:
-        results = asyncio.run(run_benchmark(spec, modes, cfg=cfg, show_progress=not args.no_progress, preset=preset))
+        results = asyncio.run(run_benchmark(spec, modes, cfg=cfg, show_progress=not args.no_progress, preset=preset,
+                                            llamacpp_dir=args.llamacpp_dir))
     except BenchError as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 1

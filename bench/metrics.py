@@ -33,11 +33,12 @@ class TurnRecord:
     # Token ids when the mode knows them (not serialized; the theoretical and hf replay use them).
     prompt_ids: list[int] | None = field(default=None, repr=False)
     output_ids: list[int] | None = field(default=None, repr=False)
+    new_messages: list[dict[str, Any]] | None = field(default=None, repr=False)  # the turn's input messages
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("prompt_ids")
-        d.pop("output_ids")
+        for key in ("prompt_ids", "output_ids", "new_messages"):
+            d.pop(key)
         return d
 
 
@@ -85,6 +86,9 @@ def aggregate(records: list[TurnRecord], *, wall_s: float, peak_rss_bytes: int |
     cached = sum(r.cached_tokens for r in ok)
     theoretical = sum(r.theoretical_cached for r in ok)
     out_tokens = sum(r.completion_tokens for r in ok)
+    # Turns 2+: what continuing conversations reuse, without the first turns (cold in stateless modes).
+    later = [r for r in ok if r.turn > 1]
+    later_theoretical = sum(r.theoretical_cached for r in later)
     by_turn: dict[int, dict[str, Any]] = {}
     for t in sorted({r.turn for r in ok}):
         rs = [r for r in ok if r.turn == t]
@@ -115,6 +119,7 @@ def aggregate(records: list[TurnRecord], *, wall_s: float, peak_rss_bytes: int |
         "theoretical_cached_tokens": theoretical,
         "theoretical_hit_rate": theoretical / prompt if prompt else 0.0,
         "hit_vs_theoretical": (cached / theoretical) if theoretical else None,
+        "hit_vs_theoretical_after_turn_1": (sum(r.cached_tokens for r in later) / later_theoretical) if later_theoretical else None,
         "ttft_ms_p50": pct((r.ttft_ms for r in ok), 50),
         "ttft_ms_p95": pct((r.ttft_ms for r in ok), 95),
         "e2e_ms_p50": pct((r.e2e_ms for r in ok), 50),
@@ -134,8 +139,8 @@ def prompt_mean(rs: list[TurnRecord]) -> float:
 
 
 def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
-    """Speed-ups against the baselines: no-radix (same engine, no prefix cache) and hf."""
-    for base in ("no-radix", "hf"):
+    """Speed-ups against the baselines: no-radix (same engine, no prefix cache), hf and llamacpp."""
+    for base in ("no-radix", "hf", "llamacpp"):
         b = modes.get(base)
         if not b or not b.get("turns"):
             continue

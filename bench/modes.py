@@ -16,7 +16,9 @@ Drivers (what differs between modes):
                  whole history is rendered to one text and tokenized again (what an
                  OpenAI-style server does with `messages`), then runs the runtime's own turn
                  (runtime.turn) on the radix-cache engine.
-The `hf` mode (bench.hf) replays another mode's token ids with transformers generate.
+The `openai` mode (bench.openai_mode) is a stateless client of the server's /v1/chat/completions;
+the `hf` mode (bench.hf) replays another mode's token ids with transformers generate, and
+the `llamacpp` mode (bench.llamacpp) replays them on llama.cpp's own server.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ async def run_sessions(
                         next_user += 1
                     rec = TurnRecord(session=sp.index, turn=t + 1, agent=sp.agent, input_kind=kind,
                                      tool_choice=choice_label(plan.tool_choice))
+                    # What a session renders for them (tool results carry their call's name).
+                    rec.new_messages = [dict(m, name=c["name"]) for m, c in zip(messages, calls, strict=True)] if calls else messages
                     rec.t_start = clock.now()
                     try:
                         res = await driver.turn(handle, messages, plan)

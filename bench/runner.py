@@ -1,6 +1,6 @@
 """Runs the selected modes on one workload and gathers the results.
 
-Engines: `server`, `engine` and `rerender` share one radix-cache engine (the caller's, when
+Engines: `server`, `engine`, `rerender` and `openai` share one radix-cache engine (the caller's, when
 one is passed in: tests hand their session-wide backend over; otherwise started here), with
 the cache flushed before each mode so every mode starts cold, and every constraint compiled
 once beforehand so no mode pays grammar compilation. `no-radix` and `hf` run in child
@@ -29,17 +29,23 @@ from typing import Any
 from bench.metrics import MemorySampler, TurnRecord, add_ratios, aggregate, fill_theoretical
 from bench.workload import Workload, WorkloadSpec, build_workload
 
-ALL_MODES = ("server", "engine", "rerender", "no-radix", "hf")
-RADIX_MODES = ("server", "engine", "rerender")
-REFERENCE_ORDER = ("engine", "no-radix", "rerender")  # whose token ids hf replays
+ALL_MODES = ("server", "engine", "rerender", "openai", "no-radix", "hf")
+RADIX_MODES = ("server", "engine", "rerender", "openai")
+REFERENCE_ORDER = ("engine", "no-radix", "rerender")  # whose token ids hf and llamacpp replay
+# Run only when named: llama.cpp's own server, built from source on first use (bench.llamacpp).
+OPTIONAL_MODES = ("llamacpp",)
 
 MODE_DOCS = {
     "server": "this runtime over a real WebSocket: session.open, then generate with session_id and only the new messages",
     "engine": "the embedded engine driven directly with the token ids the server builds (same constraint, same parse): the protocol layer removed",
     "rerender": "stateless naive client: whole history rendered to text and tokenized again every turn, radix cache on",
+    "openai": ("stateless client of this runtime's /v1/chat/completions (the openai package): the whole history "
+               "re-sent every turn, tool-call arguments re-dumped as LangChain does, content null with only tool calls"),
     "no-radix": "the engine mode on an engine started with the radix cache disabled",
     "hf": ("transformers generate in-process, bf16, one request at a time, no prefix reuse; replays the reference "
            "token ids with the same output token counts"),
+    "llamacpp": ("llama.cpp's llama-server on the same model's Q4_1 GGUF, one slot per session in flight, prompt cache "
+                 "on; replays the reference token ids with the same output token counts"),
 }
 
 
@@ -51,15 +57,17 @@ def parse_modes(text: str | None) -> list[str]:
     if not text:
         return list(ALL_MODES)
     wanted = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in wanted if m not in ALL_MODES]
+    unknown = [m for m in wanted if m not in ALL_MODES + OPTIONAL_MODES]
     if unknown:
-        raise BenchError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODES)}")
+        raise BenchError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODES + OPTIONAL_MODES)}")
+    if "llamacpp" in wanted and not any(m in wanted for m in REFERENCE_ORDER):
+        raise BenchError("llamacpp replays the token ids of engine, no-radix or rerender: select one of them too")
     if "hf" in wanted and not any(m in wanted for m in REFERENCE_ORDER):
         raise BenchError("hf replays the token ids of engine, no-radix or rerender: select one of them too")
     # The radix modes run in the order given (one engine, one after the other: the order is a
     # variable worth varying); no-radix and hf always come after them, in their own processes.
     radix = list(dict.fromkeys(m for m in wanted if m in RADIX_MODES))
-    return radix + [m for m in ALL_MODES if m in wanted and m not in RADIX_MODES]
+    return radix + [m for m in ALL_MODES + OPTIONAL_MODES if m in wanted and m not in RADIX_MODES]
 
 
 class Progress:
@@ -92,7 +100,7 @@ class Progress:
 
 @contextlib.asynccontextmanager
 async def serving(cfg: Any, backend: Any):
-    """This runtime's app on a free loopback port, in this event loop, sharing `backend`."""
+    """This runtime's app on a free loopback port, in this event loop, sharing `backend`: yields host:port."""
     import uvicorn
 
     from runtime.app import build_app
@@ -109,7 +117,7 @@ async def serving(cfg: Any, backend: Any):
         await asyncio.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"ws://127.0.0.1:{port}/ws"
+        yield f"127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout=30)
@@ -117,12 +125,16 @@ async def serving(cfg: Any, backend: Any):
 
 def server_prompt_ids(records: list[TurnRecord], workload: Workload, renderer: Any, prefixes: dict[int, list[int]]) -> None:
     """The server keeps its sessions' token ids to itself; rebuild what the theoretical needs.
+    (For `openai` too: its theoretical maximum is the session's, what `server` can reuse of
+    the same conversation.)
 
     Turn 1's prompt is rendered exactly as the server renders it (prefix + the first user
-    message). A later turn's prompt is, by the session contract, the previous prompt + its
-    output + the new messages: the previous part is carried over, and output and new tokens
-    are stand-ins (unique negative ids, lengths from the server's usage) since they can only
-    be served from this session's own earlier turns anyway."""
+    message). A later turn's prompt is, by the session contract, the previous prompt + the
+    output the session kept + the new messages: the previous part is carried over, and output
+    and new tokens are stand-ins (unique negative ids) since they can only be served from this
+    session's own earlier turns anyway. The server reports the tokens it generated, not those
+    the session kept (a call cut off by max_tokens is not kept), so the part carried over is
+    the prompt's length less the new messages as the session renders them."""
     fresh = iter(range(-1, -10**12, -1))
     by_session: dict[int, list[TurnRecord]] = {}
     for r in records:
@@ -130,17 +142,20 @@ def server_prompt_ids(records: list[TurnRecord], workload: Workload, renderer: A
     for sid, rs in by_session.items():
         sp = workload.sessions[sid]
         held: list[int] | None = None  # the session's ids after its last successful turn
+        closes = False  # that turn was cut: the next turn's ids start with the end-of-turn token
         for r in sorted(rs, key=lambda r: r.turn):
             if held is None:
                 first = prefixes[sp.agent] + renderer.turn_ids(
                     [{"role": "user", "content": sp.user_messages[0]}], close_previous=False)
                 prompt = first[: r.prompt_tokens] + [next(fresh) for _ in range(max(0, r.prompt_tokens - len(first)))]
             else:
-                prompt = held[: r.prompt_tokens] + [next(fresh) for _ in range(max(0, r.prompt_tokens - len(held)))]
+                new = len(renderer.turn_ids(r.new_messages, close_previous=closes)) if r.new_messages else 0
+                carried = min(len(held), max(0, r.prompt_tokens - new))
+                prompt = held[:carried] + [next(fresh) for _ in range(max(0, r.prompt_tokens - carried))]
             r.prompt_ids = prompt
             r.output_ids = [next(fresh) for _ in range(r.completion_tokens)]
             if r.error is None:
-                held = prompt + r.output_ids
+                held, closes = prompt + r.output_ids, r.finish_reason == "length"
 
 
 def parity(a: list[TurnRecord], b: list[TurnRecord]) -> dict[str, Any]:
@@ -253,11 +268,12 @@ async def run_benchmark(
     backend: Any = None,
     show_progress: bool = True,
     preset: str | None = None,
+    llamacpp_dir: str | None = None,
 ) -> dict[str, Any]:
     """Run `modes` (default: all) on the workload of `spec` and return the results dict.
 
     `backend`: an already started radix-cache EmbeddedBackend to use for server/engine/
-    rerender (it is left running); without one, this run starts and stops its own."""
+    rerender/openai (it is left running); without one, this run starts and stops its own."""
     from runtime.config import load_config
     from runtime.model_store import resolve_model
 
@@ -283,7 +299,7 @@ async def run_benchmark(
             await backend.start()
             timings["radix_engine_start_s"] = time.perf_counter() - t0
         if need_radix and not backend.info.radix_cache:
-            raise BenchError("the backend passed in has the radix cache disabled; server/engine/rerender need it on")
+            raise BenchError("the backend passed in has the radix cache disabled; server/engine/rerender/openai need it on")
 
         import programs
         from bench.modes import EngineDriver, RerenderDriver, ServerDriver, flush_cache, run_sessions, warm_grammars
@@ -315,10 +331,16 @@ async def run_benchmark(
             progress.mode(mode)
             async with contextlib.AsyncExitStack() as stack:
                 make: Callable[[Workload], Any]
+                key = (cfg.api_key or "").split(",")[0].strip()
                 if mode == "server":
-                    url = await stack.enter_async_context(serving(cfg, backend))
-                    headers = {"Authorization": f"Bearer {cfg.api_key.split(',')[0].strip()}"} if cfg.api_key else {}
-                    make = functools.partial(ServerDriver, url, headers=headers)
+                    addr = await stack.enter_async_context(serving(cfg, backend))
+                    headers = {"Authorization": f"Bearer {key}"} if key else {}
+                    make = functools.partial(ServerDriver, f"ws://{addr}/ws", headers=headers)
+                elif mode == "openai":
+                    from bench.openai_mode import OpenAIDriver
+
+                    addr = await stack.enter_async_context(serving(cfg, backend))
+                    make = functools.partial(OpenAIDriver, f"http://{addr}/v1", model=backend.info.model, api_key=key or "unused")
                 elif mode == "engine":
                     make = lambda w: EngineDriver(runtime, w)  # noqa: E731
                 else:
@@ -335,7 +357,7 @@ async def run_benchmark(
                 # CPU time of this process (client, server, SGLang's tokenizer side), not the
                 # scheduler's: on a 2-core host it is taken from the engine.
                 host_cpu = time.process_time() - cpu0
-            if mode == "server":
+            if mode in ("server", "openai"):
                 server_prompt_ids(recs, workload, renderer, prefixes)
             fill_theoretical(recs, prefixes)
             records[mode] = recs
@@ -381,6 +403,22 @@ async def run_benchmark(
             timings["hf_model_load_s"] = data["model_load_s"]
             results["hf"] = aggregate(recs, wall_s=data["wall_s"], peak_rss_bytes=peak,
                                       extra={"reference_mode": ref_name, "torch_threads": data.get("torch_threads")})
+
+        if "llamacpp" in modes:
+            from bench import llamacpp
+            from runtime.model_store import default_gguf_path
+
+            progress.mode("llamacpp")
+            ref_name = next(m for m in REFERENCE_ORDER if m in records)
+            if progress.bar is not None:  # turns the reference failed are not replayed
+                progress.bar.update(sum(1 for r in records[ref_name] if r.error is not None or not r.prompt_ids))
+            recs, out = await llamacpp.run_mode(records[ref_name], model=None if cfg.model_id else default_gguf_path(),
+                                                slots=spec.concurrency, progress=progress, root=llamacpp_dir)
+            fill_theoretical(recs, prefixes)
+            records["llamacpp"] = recs
+            timings.update(out["timings"])
+            results["llamacpp"] = aggregate(recs, wall_s=out["wall_s"], peak_rss_bytes=out["peak_rss_bytes"],
+                                            extra={"reference_mode": ref_name, **out["extra"]})
     finally:
         progress.close()
         if own and backend is not None:
@@ -392,6 +430,8 @@ async def run_benchmark(
     checks: dict[str, Any] = {}
     if "server" in records and "engine" in records:
         checks["server_vs_engine_parity"] = parity(records["server"], records["engine"])
+    if "server" in records and "openai" in records:
+        checks["server_vs_openai_parity"] = parity(records["server"], records["openai"])
     if "engine" in records and "no-radix" in records:
         checks["engine_vs_no_radix_parity"] = parity(records["engine"], records["no-radix"])
     timings["total_s"] = time.perf_counter() - started
@@ -434,9 +474,13 @@ def targets(results: dict[str, dict[str, Any]], spec: WorkloadSpec) -> list[dict
     def add(name: str, value: float | None, goal: str, met: bool | None) -> None:
         out.append({"target": name, "value": value, "goal": goal, "met": met})
 
-    if s:
-        v = s.get("hit_vs_theoretical")
-        add("server hit rate / theoretical maximum", v, ">= 0.99", None if v is None else v >= 0.99)
+    for name in ("server", "openai"):
+        if results.get(name):
+            v = results[name].get("hit_vs_theoretical")
+            add(f"{name} hit rate / theoretical maximum", v, ">= 0.99", None if v is None else v >= 0.99)
+    if results.get("openai"):  # its first turns start cold (no session.open computes the prefix)
+        v = results["openai"].get("hit_vs_theoretical_after_turn_1")
+        add("openai hit rate / theoretical maximum, turns 2+", v, ">= 0.99", None if v is None else v >= 0.99)
     if s and n:
         v = s["ratios"].get("turns_per_s_vs_no-radix")
         add("server turns/s / no-radix turns/s", v, ">= 3", None if v is None else v >= 3)

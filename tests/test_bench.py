@@ -70,6 +70,125 @@ def test_modes_flag():
         parse_modes("server,hf")
 
 
+def test_openai_mode_sends_assistant_messages_back_as_langchain_does():
+    from openai.types.chat import ChatCompletionMessage
+
+    from bench.openai_mode import langchain_assistant, server_timing
+
+    calls = ChatCompletionMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "read_file", "arguments": '{"path":"a/b","range":{"start":1,"end":2}}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "ping", "arguments": ""}}]})
+    assert langchain_assistant(calls) == {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "id": "call_1",
+         "function": {"name": "read_file", "arguments": '{"path": "a/b", "range": {"start": 1, "end": 2}}'}},
+        {"type": "function", "id": "call_2", "function": {"name": "ping", "arguments": "{}"}}]}
+    text = ChatCompletionMessage.model_validate({"role": "assistant", "content": "Done: é"})
+    assert langchain_assistant(text) == {"role": "assistant", "content": "Done: é"}
+    assert server_timing("ttft;dur=12.5, total;dur=80") == {"ttft": 12.5, "total": 80.0}
+    assert server_timing('miss, db;desc="x";dur=3') == {"db": 3.0} and server_timing(None) == {}
+
+
+def _minimal(schema: dict):
+    """The smallest instance of a tools_pool schema (required properties only)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: _minimal(schema["properties"][k]) for k in schema.get("required", [])}
+    return {"string": "x", "integer": schema.get("minimum", 0), "boolean": False, "array": []}[kind]
+
+
+def _scripted(fake, workload):
+    """Replies on the fake backend: a valid call when the turn is constrained (the named tool when
+    the constraint names one tool of the agent), else text; session 1's first turn writes a call
+    longer than its max_tokens (cut off: the turn ends with 'length' and its session keeps no call)."""
+    tools = {t["function"]["name"]: t["function"]["parameters"] for a in workload.agents for t in a.tools}
+    opener = workload.sessions[1].user_messages[0]
+
+    def reply(request, prompt):
+        c = request.sampling.constraint
+        if c is None:
+            return "Noted."
+        # A named tool's opening is forced (jump-forward): it ends the prompt, not the constraint.
+        names = [n for n in tools if n in str(c.value)] or [n for n in tools if f'"{n}"' in prompt[prompt.rfind("<tool_call>"):]]
+        if not names:  # a grammar warm-up (bench.modes.warm_grammars): one token, never parsed
+            return "{"
+        if opener in prompt and prompt.count("<|im_start|>assistant") == 1:
+            return fake.call_text(names[0], {"padding": "x" * 2 * request.sampling.max_new_tokens})
+        return fake.call_text(names[0], _minimal(tools[names[0]]))
+
+    return reply
+
+
+async def test_openai_mode_on_the_fake_backend(cfg, fake, tmp_path):
+    """The openai mode end to end on the fake backend (real server, real socket, the openai
+    package): every turn re-sends the whole history, cached_tokens come from the server's usage,
+    and the mode is reported like the others."""
+    from bench import report
+    from bench.runner import run_benchmark
+    from runtime.service import AgentRuntime
+
+    spec = dataclasses.replace(PRESETS["tiny"], turns=3, tools=2, call_max_tokens=400, text_max_tokens=16)
+    renderer = AgentRuntime(cfg, fake).renderer
+    workload = build_workload(spec, count_tokens=lambda s: len(renderer.tokenizer.encode(s, add_special_tokens=False)),
+                              prefix_len=lambda system, tools: len(renderer.prefix_ids(system, AgentRuntime.check_tools(tools))))
+    fake.reply = _scripted(fake, workload)
+    fake.requests.clear()
+    results = await run_benchmark(spec, ["server", "engine", "openai"], cfg=cfg, backend=fake, show_progress=False, preset="tiny")
+    modes, turns = results["modes"], results["turns"]
+    total = spec.sessions * spec.turns
+    for name in ("server", "engine", "openai"):
+        assert modes[name]["turns"] == total and modes[name]["errors"] == 0, modes[name]["error_samples"]
+        assert modes[name]["tool_call_turns"] > 0 and modes[name]["hit_vs_theoretical"] is not None
+        assert 0 < modes[name]["ttft_ms_p50"] <= modes[name]["e2e_ms_p95"], name
+    o = modes["openai"]
+    # Stateless: each request carries the system prompt and the session's first user message.
+    oai = [r for r in fake.requests if r.rid.startswith("oai-")]
+    assert len(oai) == total + 1  # the measured turns and the warm-up turn
+    measured = oai[1:]
+
+    def prompt_tokens(r):  # usage counts the prompt; a call's forced opening (jump-forward) is output
+        text = fake.tokenizer.decode(r.input_ids)
+        forced = text[text.rfind("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):]
+        return len(r.input_ids) - len(fake.tokenizer.encode(forced, add_special_tokens=False))
+
+    assert o["prompt_tokens"] == sum(prompt_tokens(r) for r in measured)
+    for r in measured:
+        text = fake.tokenizer.decode(r.input_ids)
+        assert workload.agents[0].system_prompt in text
+        assert sum(s.user_messages[0] in text for s in workload.sessions) == 1
+    # The later turns carry the earlier ones: prompts grow within a session, and they are served
+    # from what the session computed before (the server's count, never over the ids' maximum).
+    by = {(t["session"], t["turn"]): t for t in turns["openai"]}
+    for s in range(spec.sessions):
+        assert by[(s, 1)]["prompt_tokens"] < by[(s, 2)]["prompt_tokens"] < by[(s, 3)]["prompt_tokens"]
+        assert by[(s, 3)]["cached_tokens"] > by[(s, 2)]["prompt_tokens"]
+    assert by[(1, 1)]["finish_reason"] == "length" and by[(1, 1)]["tool_calls"] == 0
+    # The ids the server and openai modes rebuild for the theoretical maximum give what the engine
+    # mode's own ids give, the cut-off turn's next one included (the session kept none of its output).
+    exact = {(t["session"], t["turn"]): t["theoretical_cached"] for t in turns["engine"] if t["turn"] > 1}
+    for mode in ("server", "openai"):
+        assert {(t["session"], t["turn"]): t["theoretical_cached"] for t in turns[mode] if t["turn"] > 1} == exact, mode
+    assert o["prompt_tokens_cached"] == sum(t["cached_tokens"] for t in turns["openai"])
+    # TTFT is the server's own (its Server-Timing header), a part of the client's end-to-end time.
+    assert all(0 < t["ttft_ms"] < t["e2e_ms"] for t in turns["openai"])
+    assert o["prompt_tokens_cached"] <= o["theoretical_cached_tokens"] + o["turns"]
+    assert o["hit_vs_theoretical_after_turn_1"] > 0.9  # the fake renders calls canonically: nothing is lost
+    # Turn 1 is rendered exactly as session.open + the first message: the same prompts as the server's.
+    first = lambda mode: sorted((t["session"], t["prompt_tokens"]) for t in turns[mode] if t["turn"] == 1)  # noqa: E731
+    assert first("openai") == first("server")
+    assert results["checks"]["server_vs_openai_parity"]["turns"] == total
+    assert {"openai hit rate / theoretical maximum", "openai hit rate / theoretical maximum, turns 2+"} <= {
+        t["target"] for t in results["targets"]}
+
+    report.write(results, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["modes"]["openai"]["prompt_tokens_cached"] == o["prompt_tokens_cached"]
+    assert "stateless client" in data["modes"]["openai"]["description"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| openai |" in md and "server vs openai parity" in md
+
+
 @pytest.mark.engine
 async def test_bench_end_to_end_tiny(cfg, backend, tmp_path):
     from bench import report
@@ -98,10 +217,11 @@ async def test_bench_end_to_end_tiny(cfg, backend, tmp_path):
         assert m["peak_rss_mb"] > 100, name
         assert sorted(int(t) for t in m["ttft_by_turn"]) == list(range(1, spec.turns + 1)), name
 
-    for name in ("server", "engine", "rerender"):  # in this process: its CPU time is reported
+    for name in ("server", "engine", "rerender", "openai"):  # in this process: its CPU time is reported
         assert modes[name]["host_cpu_s"] > 0, name
-    # The grammar makes every call valid: the session modes lose no turn.
-    assert modes["server"]["errors"] == 0 and modes["engine"]["errors"] == 0
+    # The grammar makes every call valid: the session modes lose no turn, nor does a client that
+    # re-sends the calls with re-serialized arguments.
+    assert modes["server"]["errors"] == 0 and modes["engine"]["errors"] == 0 and modes["openai"]["errors"] == 0
     # Without a prefix cache nothing is served from one.
     assert modes["no-radix"]["hit_rate"] == 0.0 and modes["hf"]["hit_rate"] == 0.0
     # Sessions reuse what was computed: the server gets (nearly) everything the ids allow.
@@ -111,7 +231,7 @@ async def test_bench_end_to_end_tiny(cfg, backend, tmp_path):
     turns = results["turns"]
     # server and engine send the same token ids: turn 1 is fully determined by the workload
     first = lambda mode: {(t["session"], t["prompt_tokens"]) for t in turns[mode] if t["turn"] == 1}  # noqa: E731
-    assert first("server") == first("engine") == first("no-radix")
+    assert first("server") == first("engine") == first("no-radix") == first("openai")
     # hf replays the reference's prompts and writes exactly as many tokens per turn
     ref = {(t["session"], t["turn"]): t for t in turns[modes["hf"]["reference_mode"]] if t["error"] is None}
     for t in turns["hf"]:
