@@ -17,6 +17,14 @@ format's JSON separators (compact for the default format): the structural tag's 
 `json_schema` content allows any whitespace, which is why the schema is compiled to EBNF first
 and embedded as a `grammar` element. Every tool is therefore strict.
 
+Jump-forward: a turn that must be exactly one call and writes nothing before it (a named tool,
+or `required` when the turn holds one call at most) starts with text the grammar fixes: the
+call's opening, up to the arguments for a named tool, up to the common part of the tools'
+openings otherwise. With `jump_forward`, that text is `forced`: the runtime appends its tokens
+to the prompt (runtime.turn.jump_forward) instead of decoding them one step each, and the
+constraint starts right after it (the tags' begins lose the forced part). The forced text is
+the output's start as if decoded: parsed, delivered and kept in the session like the rest.
+
 How `auto` decides: the model does, token by token, under the grammar: its first tokens either
 begin the call trigger or begin text (text may precede the calls, as in Qwen/Hermes models).
 Nothing else steers it; a model that was never trained on the format (the 135M default model)
@@ -38,6 +46,7 @@ unconstrained and the JSON is checked after the turn (runtime.turn), as it alway
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -106,11 +115,13 @@ class ToolProgram:
 
     def __init__(self, fmt: ToolFormat, tools: list[dict] | None, *, tool_choice: Any = "auto",
                  parallel_tool_calls: bool = True, end_of_turn: str | None = None,
-                 response_format: ResponseFormat | dict | None = None):
+                 response_format: ResponseFormat | dict | None = None, jump_forward: bool = False):
         """end_of_turn: the text of the end-of-turn token (Renderer.end_of_turn), stripped by the
         parser; defaults to the format's, else the common ones (<|im_end|>, <|eot_id|>, ...).
         response_format: a ResponseFormat or its wire shape (programs.response); None or
-        {"type": "text"}: free text."""
+        {"type": "text"}: free text.
+        jump_forward: the text the grammar forces at the start of the turn is not decoded but
+        appended to the prompt (forced_prefix), and the constraint starts after it."""
         self.fmt = fmt
         self.response = (response_format if isinstance(response_format, ResponseFormat) or response_format is None
                          else ResponseFormat.from_wire(response_format))
@@ -123,7 +134,21 @@ class ToolProgram:
         # Most calls this turn may hold (None: no limit).
         self.max_calls = 1 if (not parallel_tool_calls or not fmt.parallel or self.mode == "named") else fmt.max_calls
         self._constraint_cache: Any = ...
+        self.forced = self._forced_prefix() if jump_forward else ""
 
+    def _forced_prefix(self) -> str:
+        """What the grammar forces the turn to start with: a turn that must be exactly one call
+        (required with one call at most, or a named tool) and writes nothing before it starts with
+        the common opening of its possible calls (for a named tool: everything up to its
+        arguments). Empty when anything else may come first (text, reasoning, several calls)."""
+        fmt = self.fmt
+        if (self.mode not in ("required", "named") or self.max_calls != 1 or self._reasoning() is not None
+                or not fmt.constrainable or fmt.call_begin is None):
+            return ""
+        return os.path.commonprefix([fmt.begin(name) for name in self._chosen_names()])
+
+    def _chosen_names(self) -> list[str]:
+        return [n for n in self.tool_names if self.named is None or n == self.named]
     @property
     def calls_possible(self) -> bool:
         return self.mode != "none"
@@ -142,6 +167,8 @@ class ToolProgram:
             return {"type": "structural_tag", "format": {"type": "any_text", "excludes": [fmt.call_trigger]}}
         chosen = [t for t in self.tools if self.named is None or t["function"]["name"] == self.named]
         tags = [self._tag(t) for t in chosen]
+        if self.forced:  # the turn's output starts after the forced opening (jump-forward)
+            tags = [{**tag, "begin": tag["begin"][len(self.forced):]} for tag in tags]
         calls = {
             "type": "tags_with_separator",
             "tags": tags,

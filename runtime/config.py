@@ -148,6 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kv_cache_tokens", _int(minimum=1024, allow_zero_auto=True), "0", "KV-cache capacity in tokens (SGLang max_total_tokens). 0: 65536 on cpu (about 1.5 GB for the default model), SGLang's sizing from INFERENCE_MEM_FRACTION_STATIC on cuda."),
     Setting("mem_fraction_static", _float(minimum=0.05, maximum=0.95), "0.8", "Fraction of device memory SGLang may hold for weights and KV cache on cuda (on cpu the KV cache is bounded by INFERENCE_KV_CACHE_TOKENS instead)."),
     Setting("engine_metrics", _choice("auto", "on", "off"), "auto", "SGLang's own Prometheus metrics (cache hit rate, queue, token usage), rendered after the runtime's in /metrics. auto: on with cuda, off on cpu, where collecting them on every scheduler step cost about a fifth of decode speed (docs/BENCHMARKS.md). The runtime's own metrics are always on."),
+    Setting("jump_forward", _bool, "true", "Text the tool-call grammar forces at the start of a turn (the opening of a required or named call, up to what the model chooses) is appended to the prompt instead of decoded one token per step. Off: every output token is a decode step."),
     Setting("radix_cache", _bool, "true", "RadixAttention prefix cache. Turn off only to measure what it buys (the benchmark's no-radix mode)."),
     Setting("cuda_graph", _bool, "true", "Capture CUDA graphs for decode on cuda (ignored on cpu, where SGLang's CPU graph needs Intel AMX)."),
     Setting("tp_size", _int(minimum=1, maximum=64), "1", "Tensor-parallel GPUs for the embedded engine (cuda only)."),
@@ -207,6 +208,7 @@ class Config:
     kv_cache_tokens: int
     mem_fraction_static: float
     engine_metrics: str
+    jump_forward: bool
     radix_cache: bool
     cuda_graph: bool
     tp_size: int

@@ -212,13 +212,13 @@ def open_turn(renderer: programs.Renderer, output_ids: list[int]) -> bool:
 
 async def stateless_prompt(store: ContinuationStore, renderer: programs.Renderer, owner: str, system: str | None,
                            tools: list[dict[str, Any]], messages: list[dict[str, Any]],
-                           ) -> tuple[list[int], Callable[[TurnOutcome], None] | None]:
+                           ) -> tuple[list[int], Callable[[TurnOutcome], None] | None, bool]:
     """A stateless turn's prompt, continued from the exact ids of the deepest earlier turn of
     this history the store holds, else rendered in full; and how to record this turn once the
-    client has its output (None: the store is off). Digests, rendering and tokenizing run in
+    client has its output (None: the store is off); and whether it continued a recorded turn. Digests, rendering and tokenizing run in
     worker threads, off the event loop."""
     if not store.enabled:
-        return await asyncio.to_thread(rendered, renderer.full_ids, system, tools, messages), None
+        return await asyncio.to_thread(rendered, renderer.full_ids, system, tools, messages), None, False
     found, digest = await asyncio.to_thread(candidates, system, tools, messages)
     outcome, hit = store.lookup(owner, found)
     if hit is None:
@@ -235,4 +235,4 @@ async def stateless_prompt(store: ContinuationStore, renderer: programs.Renderer
             store.record(owner, key, prompt + out.output_ids, open_turn=open_turn(renderer, out.output_ids),
                          call_ids=tuple(c["call_id"] for c in out.tool_calls))
 
-    return prompt, record
+    return prompt, record, hit is not None

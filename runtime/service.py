@@ -38,7 +38,6 @@ from protocol import errors as rpc
 from protocol.models import GenerateRequestParams, SessionCloseResult, SessionOpenResult, check_tool_choice
 from runtime.backends.base import (
     Backend,
-    BackendError,
     BackendInfo,
     BackendUnavailable,
     ChatBackend,
@@ -54,10 +53,9 @@ from runtime.metrics import METRICS
 from runtime.prompts import PrefixCache, check_tools, checked_response_format, content_chars, longest_token, rendered, sized_tools
 from runtime.sessions import Session, SessionLimit, SessionNotFound, SessionStore
 from runtime.turn import KEPT, Emit, TurnOutcome, random_call_id, run_token_turn
+from runtime.warmup import MIN_SHARED_WARM_TOKENS, SharedWarmups, warm_prefix
 
 log = logging.getLogger("runtime.service")
-
-WARM_POLL_S = 0.1  # how often a warm-up in progress checks that the engine is still there
 
 
 
@@ -76,6 +74,7 @@ class AgentRuntime:
         self._token_chars: int | None = None  # the most characters one token can stand for
         self.active = 0  # generate requests admitted to the backend (bounded by max_queue)
         self.continuations = ContinuationStore(max_bytes=cfg.continuation_bytes, ttl_s=cfg.continuation_ttl_s)
+        self.warmups = SharedWarmups()  # stateless requests' agent prefixes (runtime.warmup)
 
     # ------------------------------------------------------------------ the program
     def _token_backend(self) -> TokenBackend:
@@ -100,7 +99,8 @@ class AgentRuntime:
         # response_format was checked (and its grammar compiled) by checked_response_format
         response = params.response_format.wire() if params.response_format is not None else None
         return programs.ToolProgram(self.fmt, tools, tool_choice=choice, parallel_tool_calls=params.parallel_tool_calls,
-                                    end_of_turn=self.renderer.end_of_turn, response_format=response)
+                                    end_of_turn=self.renderer.end_of_turn, response_format=response,
+                                    jump_forward=self.cfg.jump_forward)
 
     def sampling(self, params: GenerateRequestParams, program: programs.ToolProgram, prompt_tokens: int) -> Sampling:
         """The engine's sampling for a prompt of `prompt_tokens`; -32002 when it leaves no room."""
@@ -176,6 +176,28 @@ class AgentRuntime:
             self._prefix_cache.put(key, ids)
         return ids
 
+    async def _shared_warm(self, system_prompt: str | None, tools: list[dict[str, Any]]) -> None:
+        """Warm a stateless request's agent prefix once for all the requests that start with it
+        (runtime.warmup.SharedWarmups); admitted and counted like a turn."""
+        if not self._info().radix_cache:
+            return
+        key = await asyncio.to_thread(PrefixCache.key, system_prompt, tools)
+        if self.warmups.warmed(key):
+            return
+        prefix = await self._prefix_ids(system_prompt, tools)
+        if len(prefix) < MIN_SHARED_WARM_TOKENS:
+            return
+
+        async def warm() -> None:
+            self._admit()
+            self.active += 1
+            try:
+                await warm_prefix(self._token_backend(), prefix, during="a prefix warm-up")
+            finally:
+                self.active -= 1
+
+        await self.warmups.ensure(key, warm)
+
     # ------------------------------------------------------------------ sessions
     async def open_session(self, *, system_prompt: str | None, tools: list[dict[str, Any]] | None, owner: str) -> SessionOpenResult:
         self._require_ready()
@@ -198,7 +220,7 @@ class AgentRuntime:
         if warm:
             self.active += 1
             try:
-                await self._warm(prefix)
+                await warm_prefix(self._token_backend(), prefix)
             except BaseException:
                 # The client never learns this session's id: it must not hold a quota slot.
                 with contextlib.suppress(SessionNotFound):
@@ -208,36 +230,6 @@ class AgentRuntime:
             finally:
                 self.active -= 1
         return SessionOpenResult(session_id=session.id, prefix_tokens=session.prefix_tokens)
-
-    async def _warm(self, prefix: list[int]) -> None:
-        """Compute the prefix once so the first turn (and other sessions) find it cached.
-
-        Warming is an optimisation: an engine error is logged and the session opens unwarmed
-        (its first turn reports any error). An engine that dies meanwhile ends the open with
-        -32004, whether its stream fails or, as a killed SGLang scheduler does, never returns:
-        the warm-up watches the backend's readiness while it waits."""
-        backend = self._token_backend()
-        req = GenRequest(rid=f"warm-{uuid.uuid4().hex}", input_ids=prefix, sampling=Sampling(max_new_tokens=1))
-
-        async def run() -> None:
-            async for _ in backend.stream(req):
-                pass
-
-        task = asyncio.create_task(run())
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=WARM_POLL_S)
-                if not task.done() and not backend.is_ready():
-                    raise BackendUnavailable("the engine stopped while it computed the prefix")
-            task.result()
-        except BackendUnavailable as exc:
-            raise rpc.EngineUnavailable(f"the engine became unavailable during session.open: {exc}; retry") from None
-        except BackendError as exc:
-            log.warning("prefix warm-up failed: %s", exc)
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=5)
 
     def close_session(self, session_id: str, *, owner: str) -> SessionCloseResult:
         try:
@@ -308,7 +300,10 @@ class AgentRuntime:
             if system is None and messages and messages[0]["role"] == "system":
                 system, messages = messages[0].get("content") or "", messages[1:]
             await self._check_chars(len(system or "") + content_chars(messages))
-            prompt, record = await stateless_prompt(self.continuations, self.renderer, turn.owner, system, turn.tools, messages)
+            prompt, record, continued = await stateless_prompt(self.continuations, self.renderer, turn.owner, system,
+                                                               turn.tools, messages)
+            if not continued:  # a conversation's first turn here: its agent prefix computed once for all
+                await self._shared_warm(system, turn.tools)
         else:
             await self._check_chars(content_chars(turn.messages), base_tokens=len(session.token_ids))
             new = await asyncio.to_thread(rendered, self.renderer.turn_ids, turn.messages, close_previous=session.open_turn)

@@ -32,6 +32,7 @@ The contract:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -70,8 +71,9 @@ class TurnOutcome:
     total_ms: float = 0.0
     error: rpc.RpcError | None = None
     session_id: str | None = None
-    prompt_ids: list[int] = field(default_factory=list)  # token backends: what the engine was given
-    output_ids: list[int] = field(default_factory=list)  # token backends: what the engine generated
+    prompt_ids: list[int] = field(default_factory=list)  # token backends: the prompt (prompt_ids + output_ids: the sequence)
+    output_ids: list[int] = field(default_factory=list)  # token backends: the turn's output (forced + generated)
+    forced_tokens: int = 0  # output tokens the program forced (jump-forward): appended, not decoded
 
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
@@ -176,6 +178,8 @@ async def run_token_turn(
     """Run one turn on a token backend; see the module docstring for the contract."""
     started = time.perf_counter() if started is None else started
     out = TurnOutcome(prompt_tokens=len(request.input_ids), prompt_ids=request.input_ids)
+    forced, request = jump_forward(backend, request, program)
+    out.forced_tokens = len(forced)
     parser = StreamParser(program)
     feed = _TextFeed()
     engine_finish: list[str | None] = [None]
@@ -208,12 +212,16 @@ async def run_token_turn(
     async def pump() -> None:
         nonlocal ids
         text = ""
+        if forced:  # the forced opening is the output's start, as if decoded
+            ids = list(forced)
+            handle(parser.feed(program.forced))
         async for u in backend.stream(request):
             if not first and (u.completion_tokens or u.output_ids):
                 first.append(time.perf_counter())
-            text, ids = u.text, u.output_ids  # a fresh list per update (GenUpdate contract)
+            text, ids = u.text, forced + u.output_ids if forced else u.output_ids  # a fresh list per update
             out.output_ids = ids
-            out.cached_tokens, out.completion_tokens = u.cached_tokens, u.completion_tokens
+            out.cached_tokens = min(u.cached_tokens, out.prompt_tokens)
+            out.completion_tokens = len(forced) + u.completion_tokens
             delta = feed.new(text)
             if delta:
                 handle(parser.feed(delta))
@@ -259,6 +267,18 @@ def check_response(program: ToolProgram, events: list[tuple[str, dict[str, Any]]
     problems = validate_response(fmt, text)
     if problems:
         raise InvalidModelOutput(f"the model's text is not valid for response_format {fmt.kind}: {'; '.join(problems[:3])}")
+
+
+def jump_forward(backend: TokenBackend, request: GenRequest, program: ToolProgram) -> tuple[list[int], GenRequest]:
+    """The ids of the text the program forces at the start of the turn (program.forced), and the
+    request that continues after them: they are appended to the prompt instead of decoded one
+    step each (the constraint already starts after them), and count against max_new_tokens."""
+    if not program.forced:
+        return [], request
+    forced = list(backend.tokenizer.encode(program.forced, add_special_tokens=False))
+    METRICS.forced_tokens.inc(len(forced))
+    sampling = dataclasses.replace(request.sampling, max_new_tokens=max(1, request.sampling.max_new_tokens - len(forced)))
+    return forced, GenRequest(rid=request.rid, input_ids=request.input_ids + forced, sampling=sampling)
 
 
 async def drive(pump: Callable[[], Coroutine[Any, Any, None]], out: TurnOutcome, cancelled: asyncio.Event,

@@ -143,7 +143,8 @@ async def tool_turn(client, fake, args_text: str = '{"city":"Paris","unit":"c"}'
     fake.replies.append(reply)
     r = await client.chat.completions.create(model="m", messages=[SYSTEM, ASK], tools=[WEATHER], tool_choice="required")
     assert r.choices[0].finish_reason == "tool_calls"
-    return r, list(fake.requests[-1].input_ids), outputs(fake, reply)
+    # The engine got the prompt + the call's forced opening (jump-forward), which is output.
+    return r, list(fake.requests[-1].input_ids)[: r.usage.prompt_tokens], outputs(fake, reply)
 
 
 def resend(r, arguments: str, *, content=None, extra=None):
@@ -186,7 +187,8 @@ async def test_verbatim_resend_from_new_connections_over_three_turns(fake):
         history = resend(r1, r1.choices[0].message.tool_calls[0].function.arguments)
         fake.replies.append(fake.call_text("get_weather", {"city": "Lyon", "unit": "c"}))
         r2 = await client().chat.completions.create(model="m", messages=history, tools=[WEATHER], tool_choice="required")
-        p2, o2 = list(fake.requests[-1].input_ids), outputs(fake, fake.call_text("get_weather", {"city": "Lyon", "unit": "c"}))
+        p2 = list(fake.requests[-1].input_ids)[: r2.usage.prompt_tokens]
+        o2 = outputs(fake, fake.call_text("get_weather", {"city": "Lyon", "unit": "c"}))
         assert r2.usage.prompt_tokens_details.cached_tokens == len(p1) + len(o1)
         call2 = r2.choices[0].message.tool_calls[0]
         history += [{"role": "assistant", "content": None, "tool_calls": [call2.model_dump()]},

@@ -10,7 +10,8 @@ the prompt it computed before), and with radix_cache=False it reports 0.
     backend.replies.append(backend.call_text("get_weather", {"city": "Paris"}))  # next reply
 
 The end-of-turn token ends every reply unless the reply is cut by max_new_tokens ('length')
-or an abort. The decoding constraint is not applied: a script writes what the test needs.
+or an abort. The decoding constraint is not applied: a script writes what the test needs; a
+scripted call whose opening the prompt already ends with (jump-forward) continues after it.
 `INFERENCE_BACKEND=fake` serves it (replies "Hello from the fake backend.").
 """
 
@@ -55,6 +56,20 @@ def fake_tokenizer() -> Any:
         additional_special_tokens=SPECIAL_TOKENS, clean_up_tokenization_spaces=False)
     fast.chat_template = CHATML_TEMPLATE
     return fast
+
+
+CALL_TRIGGER = "<tool_call>"
+
+
+def _forced_overlap(prompt_text: str, reply: str) -> int:
+    """How much of a scripted call the prompt already ends with: a runtime that jump-forwards
+    appends the forced opening of a call to the prompt (runtime.turn.jump_forward), and a
+    constrained engine continues after it; so does this backend."""
+    start = prompt_text.rfind(CALL_TRIGGER)
+    if start < 0 or not reply.startswith(CALL_TRIGGER):
+        return 0
+    tail = prompt_text[start:]
+    return len(tail) if reply.startswith(tail) else 0
 
 
 class FakeBackend(TokenBackend):
@@ -150,7 +165,11 @@ class FakeBackend(TokenBackend):
         tok = self.tokenizer
         prompt = tuple(request.input_ids)
         cached = self._cached(prompt)
-        text = self.replies.popleft() if self.replies else self.reply(request, tok.decode(list(prompt)))
+        prompt_text = tok.decode(list(prompt))
+        # A prefix warm-up (runtime.warmup: rid warm-*) never takes a scripted reply.
+        scripted = self.replies and not request.rid.startswith("warm-")
+        text = self.replies.popleft() if scripted else self.reply(request, prompt_text)
+        text = text[_forced_overlap(prompt_text, text):]
         ids = list(tok.encode(text, add_special_tokens=False)) + [tok.eos_token_id]
         budget = request.sampling.max_new_tokens
         self._inflight.add(request.rid)

@@ -1,0 +1,98 @@
+"""Prefix warm-ups: an agent's prefix (system prompt + tools) computed once, before the turns
+that need it, so every session of that agent finds it in the radix cache.
+
+    warm_prefix(backend, ids)   one prefill of `ids` (a one-token request), watched for a dead engine
+    SharedWarmups               stateless requests: the first one of an agent prefix warms it, the
+                                ones that arrive meanwhile wait for that one warm-up instead of
+                                each computing the same prefix (the engine does not merge prefills
+                                in flight); a prefix warmed recently is not warmed again
+
+A session warms its prefix at session.open (runtime.service). A stateless client (the OpenAI
+API) has no open: without this, N conversations of one agent that start together each compute
+its prefix, and their first turns find nothing cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from protocol import errors as rpc
+from runtime.backends.base import BackendError, BackendUnavailable, GenRequest, Sampling, TokenBackend
+
+log = logging.getLogger("runtime.warmup")
+
+WARM_POLL_S = 0.1  # how often a warm-up in progress checks that the engine is still there
+MIN_SHARED_WARM_TOKENS = 256  # shorter prefixes cost less to compute again than a warm-up's round trip
+WARMED_KEYS = 256  # prefixes remembered as warmed
+WARMED_TTL_S = 300.0  # then warmed again on first use (the radix cache may have evicted it)
+
+
+async def warm_prefix(backend: TokenBackend, prefix: list[int], *, during: str = "session.open") -> None:
+    """Compute `prefix` once so the turns that start with it find it cached.
+
+    Warming is an optimisation: an engine error is logged and the caller goes on unwarmed (its
+    turn reports any error). An engine that dies meanwhile is -32004, whether its stream fails
+    or, as a killed SGLang scheduler does, never returns: the warm-up watches the backend's
+    readiness while it waits."""
+    req = GenRequest(rid=f"warm-{uuid.uuid4().hex}", input_ids=prefix, sampling=Sampling(max_new_tokens=1))
+
+    async def run() -> None:
+        async for _ in backend.stream(req):
+            pass
+
+    task = asyncio.create_task(run())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=WARM_POLL_S)
+            if not task.done() and not backend.is_ready():
+                raise BackendUnavailable("the engine stopped while it computed the prefix")
+        task.result()
+    except BackendUnavailable as exc:
+        raise rpc.EngineUnavailable(f"the engine became unavailable during {during}: {exc}; retry") from None
+    except BackendError as exc:
+        log.warning("prefix warm-up failed: %s", exc)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+
+
+class SharedWarmups:
+    """One warm-up per prefix key at a time, shared by the requests that need it (see module doc)."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[bytes, asyncio.Task[None]] = {}
+        self._warmed: OrderedDict[bytes, float] = OrderedDict()
+        self.started = 0  # warm-ups run (for tests and metrics)
+
+    def warmed(self, key: bytes) -> bool:
+        at = self._warmed.get(key)
+        if at is None or time.monotonic() - at > WARMED_TTL_S:
+            return False
+        self._warmed.move_to_end(key)
+        return True
+
+    async def ensure(self, key: bytes, warm: Callable[[], Awaitable[None]]) -> None:
+        """Return once the prefix `key` was warmed: by this call (`warm()`), by one in flight, or
+        recently. A waiter that goes away does not cancel the warm-up the others wait for."""
+        if self.warmed(key):
+            return
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(warm())
+            self.started += 1
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._done(key, t))
+        await asyncio.shield(task)
+
+    def _done(self, key: bytes, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled() and task.exception() is None:
+            self._warmed[key] = time.monotonic()
+            while len(self._warmed) > WARMED_KEYS:
+                self._warmed.popitem(last=False)

@@ -1,0 +1,92 @@
+"""Shared prefix warm-ups for stateless requests (runtime.warmup): conversations of one agent that
+start together compute its prefix once, on the fake backend through the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import test_config
+from protocol.models import GenerateRequestParams
+from runtime.backends.fake import FakeBackend
+from runtime.service import AgentRuntime
+from runtime.warmup import MIN_SHARED_WARM_TOKENS, SharedWarmups
+
+SYSTEM = "You are a careful support agent. " * 20  # > MIN_SHARED_WARM_TOKENS tokens on the fake (one per byte)
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Look a thing up.", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
+
+
+async def _turn(rt, question: str, *, system: str = SYSTEM, tools=TOOLS):
+    params = GenerateRequestParams.model_validate({"system_prompt": system, "tools": tools, "tool_choice": "none",
+                                                   "messages": [{"role": "user", "content": question}]})
+
+    async def emit(kind, payload):
+        return None
+
+    return await rt.generate(params, owner="", emit=emit, cancelled=asyncio.Event())
+
+
+@pytest.mark.parametrize("radix", [True, False])
+async def test_conversations_starting_together_compute_the_prefix_once(radix):
+    fake = FakeBackend(radix_cache=radix, token_delay_s=0.001)
+    await fake.start()
+    rt = AgentRuntime(test_config(), fake)
+    prefix = len(await rt._prefix_ids(SYSTEM, rt.check_tools(TOOLS)))
+    assert prefix >= MIN_SHARED_WARM_TOKENS
+    outs = await asyncio.gather(*(_turn(rt, f"question {i}") for i in range(4)))
+    warms = [r for r in fake.requests if r.rid.startswith("warm-")]
+    if not radix:  # nothing to share: no warm-up
+        assert warms == [] and all(o.cached_tokens == 0 for o in outs)
+        return
+    assert len(warms) == 1 and warms[0].input_ids == fake.requests[-1].input_ids[:prefix]
+    assert all(o.error is None and o.cached_tokens >= prefix for o in outs), [o.cached_tokens for o in outs]
+    # Later first turns of the same agent find it warmed: no second warm-up.
+    await _turn(rt, "another conversation")
+    assert len([r for r in fake.requests if r.rid.startswith("warm-")]) == 1
+    # A short prefix is not worth a round trip; another agent gets its own.
+    await _turn(rt, "hi", system="Short.", tools=None)
+    await _turn(rt, "hi", system=SYSTEM + "Other agent.")
+    assert len([r for r in fake.requests if r.rid.startswith("warm-")]) == 2
+    assert rt.active == 0
+
+
+async def test_a_waiter_that_goes_away_does_not_cancel_the_shared_warm_up():
+    shared = SharedWarmups()
+    started, release = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    async def warm():
+        started.set()
+        await release.wait()
+        ran.append("warmed")
+
+    first = asyncio.create_task(shared.ensure(b"k", warm))
+    await started.wait()
+    second = asyncio.create_task(shared.ensure(b"k", warm))
+    await asyncio.sleep(0)
+    first.cancel()  # the request that started it goes away
+    release.set()
+    await second
+    assert ran == ["warmed"] and shared.started == 1 and shared.warmed(b"k")
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_failed_warm_up_is_not_remembered():
+    shared = SharedWarmups()
+
+    async def fail():
+        raise RuntimeError("engine gone")
+
+    with pytest.raises(RuntimeError):
+        await shared.ensure(b"k", fail)
+    assert not shared.warmed(b"k")
+    ran = []
+
+    async def ok():
+        ran.append(1)
+
+    await shared.ensure(b"k", ok)
+    assert ran == [1] and shared.warmed(b"k")
