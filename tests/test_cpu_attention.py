@@ -141,3 +141,57 @@ def test_the_engine_scheduler_runs_prefix_sdpa(backend):
         pytest.skip("the CPU attention backend is for CPU engines")
     assert backend.info.extra["attention_class"] == "runtime.sglang_adapter.cpu_attention.PrefixSDPABackend"
     assert backend.info.attention_backend == "torch_native+prefix-sdpa"
+
+
+def _shared_pool(plan, kv_heads, dim, dtype, seed, *, contiguous):
+    """A pool where requests share prefixes at the same slots, as the radix cache leaves them:
+    `plan` is [(agent, shared tokens, own tokens)]; requests of one agent share its prefix."""
+    g = torch.Generator().manual_seed(seed)
+    size = 64 + sum(p for _, p, _ in plan) + sum(o for _, _, o in plan)
+    free = torch.randperm(size - 1, generator=g) + 1
+    at = 0
+    prefixes: dict[int, torch.Tensor] = {}
+    rows = []
+    for agent, shared, own in plan:
+        if agent not in prefixes:
+            base = int(free[at]) if not contiguous else at + 1
+            prefixes[agent] = torch.arange(base, base + shared) if contiguous else free[at : at + shared]
+            at += shared
+        prefix = prefixes[agent][:shared]
+        rows.append(torch.cat([prefix, free[at : at + own]]))
+        at += own
+    k = torch.randn(size + 2 * at, kv_heads, dim, generator=g).to(dtype)
+    v = torch.randn(size + 2 * at, kv_heads, dim, generator=g).to(dtype)
+    longest = max(r.numel() for r in rows)
+    req_to_token = torch.zeros(len(rows) + 3, longest + 5, dtype=torch.int64)
+    pool_idx = torch.tensor([len(rows) + 2 - i for i in range(len(rows))])  # not 0..n-1 on purpose
+    for i, r in enumerate(rows):
+        req_to_token[pool_idx[i], : r.numel()] = r
+    return k, v, req_to_token, pool_idx, torch.tensor([r.numel() for r in rows])
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (6, 1)])
+def test_decode_shares_prefixes_and_matches_sglang(contiguous, dtype, tol, heads, kv_heads):
+    dim = 32
+    # two agents with 3 and 2 requests (own parts of different lengths), one request alone, and
+    # one agent request whose shared prefix is shorter than MIN_SHARED_PREFIX (decoded alone)
+    plan = [(0, 120, 7), (0, 120, 1), (1, 80, 40), (0, 120, 30), (2, 50, 5), (1, 80, 2), (3, 10, 3), (3, 10, 9)]
+    k, v, r2t, pool_idx, seq_lens = _shared_pool(plan, kv_heads, dim, dtype, seed=7, contiguous=contiguous)
+    q = torch.randn(len(plan), heads, dim, generator=torch.Generator().manual_seed(8)).to(dtype)
+    ref, new = _backends()
+    made = cpu_attention.decode_plan(r2t, pool_idx, seq_lens, dtype)
+    assert sorted(len(gr.members) for gr in made.groups) == [2, 3]  # agents 0 and 1
+    assert sorted(i for i, _ in made.singles) == [4, 6, 7]
+    assert all(isinstance(gr.prefix, slice) == contiguous for gr in made.groups)
+    args = (k, v, r2t, pool_idx, seq_lens)
+    out_ref = ref._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=heads != kv_heads)
+    out_new = new._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=heads != kv_heads)
+    assert torch.allclose(out_new.float(), out_ref.float(), atol=tol, rtol=tol), (out_new.float() - out_ref.float()).abs().max()
+    # A new step (another batch in the same tensors' places) gets a new plan, not the old one.
+    seq2 = seq_lens.clone()
+    out2 = new._run_sdpa_forward_decode(q[:3], torch.zeros_like(q[:3]), k, v, r2t, pool_idx[:3], seq2[:3], scaling=dim**-0.5)
+    ref2 = ref._run_sdpa_forward_decode(q[:3], torch.zeros_like(q[:3]), k, v, r2t, pool_idx[:3], seq2[:3], scaling=dim**-0.5,
+                                        enable_gqa=heads != kv_heads)
+    assert torch.allclose(out2.float(), ref2.float(), atol=tol, rtol=tol)
