@@ -77,6 +77,10 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", f"{name} did not run: {m['error']}"]
     out_tokens = {name: m["output_tokens"] for name, m in _modes(results)}
     lines += ["", f"Output tokens written per mode: {out_tokens}."]
+    forced = {name: m["forced_tokens"] for name, m in _modes(results) if "forced_tokens" in m}
+    if forced:
+        lines.append(f"Of those, forced by the call grammar and appended without a decode step (jump-forward, "
+                     f"decode steps saved): {forced}.")
     host_cpu = {name: m["host_cpu_s"] for name, m in _modes(results) if "host_cpu_s" in m}
     if host_cpu:
         lines.append(f"CPU seconds of the benchmark's own process during the mode (client, server, SGLang's "

@@ -303,6 +303,7 @@ async def run_benchmark(
 
         import programs
         from bench.modes import EngineDriver, RerenderDriver, ServerDriver, flush_cache, run_sessions, warm_grammars
+        from runtime.metrics import METRICS
         from runtime.service import AgentRuntime
 
         runtime = None
@@ -351,17 +352,21 @@ async def run_benchmark(
                 if not await flush_cache(backend):
                     raise BenchError("could not flush the engine's radix cache between modes")
                 cpu0 = time.process_time()
+                forced0 = METRICS.forced_tokens._value.get()
                 with MemorySampler() as mem:
                     recs, wall = await run_sessions(workload, make(workload), concurrency=spec.concurrency,
                                                     on_turn=progress.turn)
                 # CPU time of this process (client, server, SGLang's tokenizer side), not the
                 # scheduler's: on a 2-core host it is taken from the engine.
                 host_cpu = time.process_time() - cpu0
+                # Output tokens the grammar forced and the runtime appended (jump-forward): decode steps saved.
+                forced = int(METRICS.forced_tokens._value.get() - forced0)
             if mode in ("server", "openai"):
                 server_prompt_ids(recs, workload, renderer, prefixes)
             fill_theoretical(recs, prefixes)
             records[mode] = recs
-            results[mode] = aggregate(recs, wall_s=wall, peak_rss_bytes=mem.peak, extra={"host_cpu_s": round(host_cpu, 2)})
+            results[mode] = aggregate(recs, wall_s=wall, peak_rss_bytes=mem.peak,
+                                      extra={"host_cpu_s": round(host_cpu, 2), "forced_tokens": forced})
 
         if own and backend is not None:
             progress.note("stopping the radix-cache engine ...")

@@ -141,6 +141,10 @@ async def test_openai_mode_on_the_fake_backend(cfg, fake, tmp_path):
         assert modes[name]["turns"] == total and modes[name]["errors"] == 0, modes[name]["error_samples"]
         assert modes[name]["tool_call_turns"] > 0 and modes[name]["hit_vs_theoretical"] is not None
         assert 0 < modes[name]["ttft_ms_p50"] <= modes[name]["e2e_ms_p95"], name
+    # Jump-forward: the same turns force the same call openings in every mode (decode steps saved).
+    forcing = any(t.tool_choice == "required" or isinstance(t.tool_choice, dict) for sp in workload.sessions for t in sp.turns)
+    assert forcing and modes["server"]["forced_tokens"] > 0
+    assert modes["server"]["forced_tokens"] == modes["engine"]["forced_tokens"] == modes["openai"]["forced_tokens"]
     o = modes["openai"]
     # Stateless: each request carries the system prompt and the session's first user message.
     oai = [r for r in fake.requests if r.rid.startswith("oai-")]
