@@ -153,8 +153,9 @@ class ToolProgram:
     def calls_possible(self) -> bool:
         return self.mode != "none"
 
-    def structural_tag(self) -> dict | None:
-        """The xgrammar structural tag (as a dict) of the whole turn, or None (unconstrained)."""
+    def structural_tag(self, *, jumped: bool = True) -> dict | None:
+        """The xgrammar structural tag (as a dict) of the whole turn, or None (unconstrained);
+        jumped=False: from the turn's start, as if nothing were forced."""
         fmt = self.fmt
         answer = self._answer()
         if answer is not None and self.mode == "none":
@@ -167,7 +168,7 @@ class ToolProgram:
             return {"type": "structural_tag", "format": {"type": "any_text", "excludes": [fmt.call_trigger]}}
         chosen = [t for t in self.tools if self.named is None or t["function"]["name"] == self.named]
         tags = [self._tag(t) for t in chosen]
-        if self.forced:  # the turn's output starts after the forced opening (jump-forward)
+        if self.forced and jumped:  # the turn's output starts after the forced opening (jump-forward)
             tags = [{**tag, "begin": tag["begin"][len(self.forced):]} for tag in tags]
         calls = {
             "type": "tags_with_separator",
@@ -220,6 +221,12 @@ class ToolProgram:
                 None if tag is None else Constraint("structural_tag", json.dumps(tag, ensure_ascii=False))
             )
         return self._constraint_cache
+
+    def unforced_constraint(self) -> Constraint | None:
+        """The constraint from the turn's start (a turn that decodes its forced opening after all:
+        runtime.turn.jump_forward, when max_tokens ends the turn inside it)."""
+        tag = self.structural_tag(jumped=False)
+        return None if tag is None else Constraint("structural_tag", json.dumps(tag, ensure_ascii=False))
 
     def _tag(self, tool: dict) -> dict:
         fn = tool["function"]

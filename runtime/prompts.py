@@ -67,8 +67,10 @@ class PrefixCache:
 def check_tools(tools: list[dict[str, Any]] | None, *, max_branches: int = programs.MAX_BRANCHES) -> list[dict[str, Any]]:
     """The canonical tools, or the client's error naming what the grammar cannot hold."""
     # `strict` is accepted for OpenAI compatibility and changes nothing (calls are always
-    # constrained): dropped so it cannot split otherwise identical agent prefixes.
-    tools = [{**t, "function": {k: v for k, v in t["function"].items() if k != "strict"}} for t in tools or []]
+    # constrained): dropped so it cannot split otherwise identical agent prefixes. Empty
+    # `parameters` ({}) means no parameters, as at OpenAI: the same as none given.
+    tools = [{**t, "function": {k: v for k, v in t["function"].items() if k != "strict" and not (k == "parameters" and v == {})}}
+             for t in tools or []]
     try:
         return programs.check_tools(tools, max_branches=max_branches)
     except programs.ToolSchemaError as exc:

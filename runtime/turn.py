@@ -272,12 +272,19 @@ def check_response(program: ToolProgram, events: list[tuple[str, dict[str, Any]]
 def jump_forward(backend: TokenBackend, request: GenRequest, program: ToolProgram) -> tuple[list[int], GenRequest]:
     """The ids of the text the program forces at the start of the turn (program.forced), and the
     request that continues after them: they are appended to the prompt instead of decoded one
-    step each (the constraint already starts after them), and count against max_new_tokens."""
+    step each (the constraint already starts after them), and count against max_new_tokens.
+    When they would use it all, nothing is forced: the turn decodes its opening from the
+    unforced constraint and ends with 'length' at max_tokens, as without jump-forward."""
     if not program.forced:
         return [], request
     forced = list(backend.tokenizer.encode(program.forced, add_special_tokens=False))
+    budget = request.sampling.max_new_tokens
+    if len(forced) >= budget:
+        # max_tokens ends the turn inside the opening: decode it as usual (cut at max_tokens, no call).
+        sampling = dataclasses.replace(request.sampling, constraint=program.unforced_constraint())
+        return [], GenRequest(rid=request.rid, input_ids=request.input_ids, sampling=sampling)
     METRICS.forced_tokens.inc(len(forced))
-    sampling = dataclasses.replace(request.sampling, max_new_tokens=max(1, request.sampling.max_new_tokens - len(forced)))
+    sampling = dataclasses.replace(request.sampling, max_new_tokens=budget - len(forced))
     return forced, GenRequest(rid=request.rid, input_ids=request.input_ids + forced, sampling=sampling)
 
 

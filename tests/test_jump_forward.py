@@ -100,16 +100,23 @@ async def test_a_named_call_is_appended_not_decoded(fake, jump):
     assert rt.sessions.get(opened.session_id, owner="").token_ids == out.prompt_ids + out.output_ids
 
 
-async def test_a_call_cut_inside_the_forced_opening_keeps_nothing(fake):
+@pytest.mark.parametrize("max_tokens", [3, 30])
+async def test_max_tokens_inside_the_forced_opening_decodes_it_and_keeps_nothing(fake, max_tokens):
+    """An opening longer than max_tokens (the fake tokenizer has a token per byte: it is ~45) is
+    not forced: the turn decodes from the unforced constraint and ends with 'length' at max_tokens."""
     rt = AgentRuntime(test_config(), fake)
     opened = await rt.open_session(system_prompt="sys", tools=[WEATHER, TIME], owner="")
     session = rt.sessions.get(opened.session_id, owner="")
     prefix = list(session.token_ids)
     fake.replies.append(fake.call_text("get_time", {"zone": "UTC"}))
-    out = await _turn(rt, _params(session_id=opened.session_id, tool_choice=NAMED, max_tokens=3,
+    out = await _turn(rt, _params(session_id=opened.session_id, tool_choice=NAMED, max_tokens=max_tokens,
                                   messages=[{"role": "user", "content": "time?"}]))
     assert out.finish_reason == "length" and out.tool_calls == [] and out.text == ""
-    # Nothing of the call reached the client, so the session keeps none of it (the opening included).
+    request = fake.requests[-1]
+    assert request.input_ids == out.prompt_ids and request.sampling.max_new_tokens == max_tokens
+    assert request.sampling.constraint == ToolProgram(FORMATS["default"], [WEATHER, TIME], tool_choice=NAMED).constraint()
+    assert out.completion_tokens == max_tokens and out.forced_tokens == 0
+    # Nothing of the call reached the client, so the session keeps none of it.
     assert session.token_ids == out.prompt_ids and session.token_ids[: len(prefix)] == prefix
 
 

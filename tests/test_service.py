@@ -134,3 +134,11 @@ async def test_kept_output_ids_are_exactly_what_the_client_got(fake) -> None:
     assert tok.decode(out.output_ids) == "Sure. " and out.completion_tokens == 12
     session = rt.sessions.get(opened.session_id, owner="")
     assert session.token_ids == out.prompt_ids + out.output_ids and session.open_turn
+
+
+def test_empty_parameters_mean_no_parameters_as_at_openai() -> None:
+    from runtime.prompts import check_tools
+
+    empty = check_tools([{"type": "function", "function": {"name": "now", "parameters": {}, "strict": True}}])
+    assert empty == check_tools([{"type": "function", "function": {"name": "now"}}])
+    assert empty[0]["function"]["parameters"] == {"type": "object", "properties": {}}
