@@ -195,3 +195,32 @@ def test_decode_shares_prefixes_and_matches_sglang(contiguous, dtype, tol, heads
     ref2 = ref._run_sdpa_forward_decode(q[:3], torch.zeros_like(q[:3]), k, v, r2t, pool_idx[:3], seq2[:3], scaling=dim**-0.5,
                                         enable_gqa=heads != kv_heads)
     assert torch.allclose(out2.float(), ref2.float(), atol=tol, rtol=tol)
+
+
+def test_agents_sharing_a_short_header_form_one_group_each():
+    """Two agents' prompts share the template's first tokens (same slots), then differ: each
+    agent's requests are a group of their own (not one group sharing only the header)."""
+    g = torch.Generator().manual_seed(11)
+    header = torch.arange(1, 11)  # 10 shared slots: shorter than MIN_SHARED_PREFIX
+    agents = [torch.arange(100, 100 + 80), torch.arange(300, 300 + 60)]
+    rows = []
+    for i, agent in enumerate([0, 1, 0, 1, 1]):
+        own = torch.arange(1000 + 50 * i, 1000 + 50 * i + 5 + i)
+        rows.append(torch.cat([header, agents[agent], own]))
+    r2t = torch.zeros(8, max(r.numel() for r in rows) + 2, dtype=torch.int64)
+    pool_idx = torch.tensor([3, 1, 6, 2, 7])
+    for p, r in zip(pool_idx.tolist(), rows, strict=True):
+        r2t[p, : r.numel()] = r
+    seq_lens = torch.tensor([r.numel() for r in rows])
+    made = cpu_attention.decode_plan(r2t, pool_idx, seq_lens, torch.float32)
+    assert sorted(gr.members.tolist() for gr in made.groups) == [[0, 2], [1, 3, 4]] and made.singles == []
+    assert sorted((gr.prefix.stop - gr.prefix.start) if isinstance(gr.prefix, slice) else gr.prefix.numel()
+                  for gr in made.groups) == [70, 90]
+    k = torch.randn(1300, 3, 16, generator=g)
+    v = torch.randn(1300, 3, 16, generator=g)
+    q = torch.randn(len(rows), 9, 16, generator=g)
+    ref, new = _backends()
+    args = (k, v, r2t, pool_idx, seq_lens)
+    out_ref = ref._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=0.25, enable_gqa=True)
+    out_new = new._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=0.25, enable_gqa=True)
+    assert torch.allclose(out_new, out_ref, atol=1e-5, rtol=1e-5)

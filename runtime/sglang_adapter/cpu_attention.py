@@ -32,7 +32,6 @@ engine's own processes.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,21 +93,25 @@ def decode_plan(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
                 dtype: torch.dtype) -> DecodePlan:
     """Group a decode batch by the KV slots its requests share from the start (see module doc)."""
     rows = [req_to_token[p, :t] for p, t in zip(req_pool_indices.tolist(), seq_lens.tolist(), strict=True)]
-    buckets: dict[int, list[int]] = defaultdict(list)
+    # Clusters of requests whose slots agree on at least MIN_SHARED_PREFIX leading tokens with the
+    # cluster's first request. (Agents' prompts often share a short header too, the template's
+    # system preamble: grouping by the first slot alone would put every request in one group
+    # whose common part is that header.) [first request, members, tokens all members share]
+    clusters: list[tuple[torch.Tensor, list[int], int]] = []
     for i, row in enumerate(rows):
-        buckets[int(row[0]) if row.numel() else -1 - i].append(i)
+        for c, (base, members, shared) in enumerate(clusters):
+            n = min(base.numel(), row.numel()) - 1  # each request keeps at least its newest token
+            same = row[:n] == base[:n]
+            lcp = n if bool(same.all()) else int(same.to(torch.int8).argmin())
+            if lcp >= MIN_SHARED_PREFIX:
+                clusters[c] = (base, [*members, i], min(shared, lcp))
+                break
+        else:
+            clusters.append((row, [i], row.numel() - 1))
     groups: list[_Group] = []
     singles: list[tuple[int, torch.Tensor]] = []
-    for members in buckets.values():
-        shared = 0
-        if len(members) > 1:
-            base = rows[members[0]]
-            shared = min(row.numel() for row in (rows[i] for i in members)) - 1  # each keeps its newest token
-            for i in members[1:]:
-                same = rows[i][:shared] == base[:shared]
-                if not bool(same.all()):
-                    shared = int(same.to(torch.int8).argmin())
-        if shared < MIN_SHARED_PREFIX:
+    for base, members, shared in clusters:
+        if len(members) < 2:
             singles += [(i, rows[i]) for i in members]
             continue
         own = [rows[i][shared:] for i in members]
@@ -117,7 +120,7 @@ def decode_plan(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
         mask = torch.zeros(len(members), 1, 1, longest, dtype=dtype)
         for r, o in enumerate(own):
             mask[r, 0, 0, o.numel():] = float("-inf")
-        groups.append(_Group(torch.tensor(members), _run(rows[members[0]][:shared]), own_slots, mask))
+        groups.append(_Group(torch.tensor(members), _run(base[:shared]), own_slots, mask))
     return DecodePlan((id(req_pool_indices), id(seq_lens)), groups, singles)
 
 
