@@ -355,7 +355,10 @@ async def replay(url: str, reference: list[dict[str, Any]], *, slots: int,
     records: list[TurnRecord] = []
     clock = Clock()
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=httpx.Limits(max_connections=slots)) as client:
+    # No keep-alive: llama-server drops a connection idle for 5 s, and a pooled one it dropped
+    # fails the next request with "Server disconnected" (seen: 5 of 32 turns). Loopback connects are cheap.
+    limits = httpx.Limits(max_connections=slots, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as client:
 
         async def play(turns: list[dict[str, Any]]) -> None:
             slot = await free.get()  # the sessions in flight = the slots

@@ -182,8 +182,6 @@ class AgentRuntime:
         if not self._info().radix_cache:
             return
         key = await asyncio.to_thread(PrefixCache.key, system_prompt, tools)
-        if self.warmups.warmed(key):
-            return
         prefix = await self._prefix_ids(system_prompt, tools)
         if len(prefix) < MIN_SHARED_WARM_TOKENS:
             return

@@ -5,7 +5,11 @@ that need it, so every session of that agent finds it in the radix cache.
     SharedWarmups               stateless requests: the first one of an agent prefix warms it, the
                                 ones that arrive meanwhile wait for that one warm-up instead of
                                 each computing the same prefix (the engine does not merge prefills
-                                in flight); a prefix warmed recently is not warmed again
+                                in flight)
+
+Whether the engine still holds a prefix is not remembered here (the radix cache evicts, and can
+be flushed): every conversation's first stateless request warms its prefix, which costs one
+short request when the prefix is still cached.
 
 A session warms its prefix at session.open (runtime.service). A stateless client (the OpenAI
 API) has no open: without this, N conversations of one agent that start together each compute
@@ -16,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from protocol import errors as rpc
@@ -28,8 +30,6 @@ log = logging.getLogger("runtime.warmup")
 
 WARM_POLL_S = 0.1  # how often a warm-up in progress checks that the engine is still there
 MIN_SHARED_WARM_TOKENS = 256  # shorter prefixes cost less to compute again than a warm-up's round trip
-WARMED_KEYS = 256  # prefixes remembered as warmed
-WARMED_TTL_S = 300.0  # then warmed again on first use (the radix cache may have evicted it)
 
 
 async def warm_prefix(backend: TokenBackend, prefix: list[int], *, during: str = "session.open") -> None:
@@ -66,33 +66,16 @@ class SharedWarmups:
     """One warm-up per prefix key at a time, shared by the requests that need it (see module doc)."""
 
     def __init__(self) -> None:
-        self._inflight: dict[bytes, asyncio.Task[None]] = {}
-        self._warmed: OrderedDict[bytes, float] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[None]] = {}
         self.started = 0  # warm-ups run (for tests and metrics)
 
-    def warmed(self, key: bytes) -> bool:
-        at = self._warmed.get(key)
-        if at is None or time.monotonic() - at > WARMED_TTL_S:
-            return False
-        self._warmed.move_to_end(key)
-        return True
-
     async def ensure(self, key: bytes, warm: Callable[[], Awaitable[None]]) -> None:
-        """Return once the prefix `key` was warmed: by this call (`warm()`), by one in flight, or
-        recently. A waiter that goes away does not cancel the warm-up the others wait for."""
-        if self.warmed(key):
-            return
+        """Return once the prefix `key` was warmed, by this call (`warm()`) or by the one in flight.
+        A waiter that goes away does not cancel the warm-up the others wait for."""
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(warm())
             self.started += 1
             self._inflight[key] = task
-            task.add_done_callback(lambda t: self._done(key, t))
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         await asyncio.shield(task)
-
-    def _done(self, key: bytes, task: asyncio.Task[None]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled() and task.exception() is None:
-            self._warmed[key] = time.monotonic()
-            while len(self._warmed) > WARMED_KEYS:
-                self._warmed.popitem(last=False)

@@ -302,3 +302,38 @@ async def test_engine_reserialized_and_edited_histories(server):
                                              tool_choice="required", max_tokens=48)
         assert r3.choices[0].message.tool_calls  # answered from a full rendering
         assert r3.usage.prompt_tokens_details.cached_tokens < turn1 - 1
+
+
+@pytest.mark.engine
+async def test_engine_verbatim_fork_and_another_key(cfg, backend):
+    """The default model over /v1, a server with two API keys on the session's engine: a verbatim
+    re-send from a new client continues exactly, a retried turn forks from the turn before, and
+    the other key's identical history is rendered (nothing of the first key's is matched)."""
+    from conftest import running_server
+
+    async with running_server(cfg.replace(api_key="key-a,key-b"), backend) as (addr, app):
+        def client(key: str) -> openai.AsyncOpenAI:
+            return openai.AsyncOpenAI(base_url=f"http://{addr}/v1", api_key=key, max_retries=0)
+
+        ask = [SYSTEM, {"role": "user", "content": f"Weather in Oslo? ({__name__} keys)"}]
+        async with client("key-a") as a:
+            r1 = await a.chat.completions.create(model="m", messages=ask, tools=[WEATHER], tool_choice="required",
+                                                 max_tokens=48)
+        call = r1.choices[0].message.tool_calls[0]
+        turn1 = r1.usage.prompt_tokens + r1.usage.completion_tokens
+        history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": "-3 C, snow"}]
+        exact = counted("exact")
+        for _ in range(2):  # the same turn twice, each from a new client: both fork from turn 1
+            async with client("key-a") as a:
+                r = await a.chat.completions.create(model="m", messages=history, tools=[WEATHER], tool_choice="none",
+                                                    max_tokens=8)
+            assert r.usage.prompt_tokens_details.cached_tokens >= turn1 - 1
+        assert counted("exact") == exact + 2
+        none = counted("none")
+        async with client("key-b") as b:
+            r = await b.chat.completions.create(model="m", messages=history, tools=[WEATHER], tool_choice="none",
+                                                max_tokens=8)
+        assert counted("none") == none + 1 and r.choices[0].finish_reason in ("stop", "length")
+        assert app.state.server.runtime.continuations.used_bytes(app.state.server.owner_for(
+            {"authorization": "Bearer key-b"})) > 0  # key-b's own turn, recorded under key-b

@@ -42,12 +42,11 @@ async def test_conversations_starting_together_compute_the_prefix_once(radix):
         return
     assert len(warms) == 1 and warms[0].input_ids == fake.requests[-1].input_ids[:prefix]
     assert all(o.error is None and o.cached_tokens >= prefix for o in outs), [o.cached_tokens for o in outs]
-    # Later first turns of the same agent find it warmed: no second warm-up.
+    # A later first turn warms again (the engine may have evicted the prefix meanwhile): one short
+    # request when it is still cached. A short prefix is not worth a round trip.
     await _turn(rt, "another conversation")
-    assert len([r for r in fake.requests if r.rid.startswith("warm-")]) == 1
-    # A short prefix is not worth a round trip; another agent gets its own.
+    assert len([r for r in fake.requests if r.rid.startswith("warm-")]) == 2
     await _turn(rt, "hi", system="Short.", tools=None)
-    await _turn(rt, "hi", system=SYSTEM + "Other agent.")
     assert len([r for r in fake.requests if r.rid.startswith("warm-")]) == 2
     assert rt.active == 0
 
@@ -69,12 +68,12 @@ async def test_a_waiter_that_goes_away_does_not_cancel_the_shared_warm_up():
     first.cancel()  # the request that started it goes away
     release.set()
     await second
-    assert ran == ["warmed"] and shared.started == 1 and shared.warmed(b"k")
+    assert ran == ["warmed"] and shared.started == 1
     with pytest.raises(asyncio.CancelledError):
         await first
 
 
-async def test_a_failed_warm_up_is_not_remembered():
+async def test_a_failed_warm_up_fails_its_waiters_and_the_next_one_runs_again():
     shared = SharedWarmups()
 
     async def fail():
@@ -82,11 +81,10 @@ async def test_a_failed_warm_up_is_not_remembered():
 
     with pytest.raises(RuntimeError):
         await shared.ensure(b"k", fail)
-    assert not shared.warmed(b"k")
     ran = []
 
     async def ok():
         ran.append(1)
 
     await shared.ensure(b"k", ok)
-    assert ran == [1] and shared.warmed(b"k")
+    assert ran == [1] and shared.started == 2
