@@ -162,14 +162,20 @@ def _openai_message(message: str, offset: int) -> str:
     return _MESSAGE_INDEX.sub(lambda m: f"messages.{int(m.group(1)) + offset}", message) if offset else message
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
-    """The request model from a body; 400 (naming the field) for bad JSON or a wrong type."""
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; 400 for bad JSON (NaN and Infinity included) or another value."""
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    return data
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The request model from a body; 400 (naming the field) for bad JSON or a wrong type."""
+    data = json_object(body)
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from protocol import errors as rpc
 from protocol.fields import RequestLimits, _one_error
 from protocol.models import GenerateRequestParams
-from runtime.openai_wire import PART_SEPARATOR, OpenAIError, _no_constant, bad_request, from_rpc
+from runtime.openai_wire import PART_SEPARATOR, OpenAIError, _no_constant, bad_request, from_rpc, json_object
 
 # The store of responses (store=true), per API key. Its bounds are constants, not settings:
 # entries are evicted least recently used first, and both bounds hold per key, so one key's
@@ -124,13 +124,7 @@ class ResponsesRequest(_Req):
 
 def parse_request(body: bytes) -> ResponsesRequest:
     """The request model from a body; 400 (naming the field) for bad JSON or a wrong type."""
-    try:
-        data = json.loads(body, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    return _validate(ResponsesRequest, data, "")
+    return _validate(ResponsesRequest, json_object(body), "")
 
 
 def _validate(model: type[_Req], data: Any, where: str) -> Any:
