@@ -156,17 +156,8 @@ FORMATS: dict[str, ToolFormat] = {
             max_calls=1,
         ),
         _QWEN25,
-        ToolFormat(
-            name="hermes",
-            detector="hermes",
-            call_begin='<tool_call>\n{"name": "{name}", "arguments": ',
-            call_end="}\n</tool_call>",
-            call_trigger="<tool_call>",
-            call_separator="\n",
-            json_separators=SPACED,
-            template_tools=True,
-            template_markers=("<tool_call>",),
-        ),
+        # Hermes: Qwen 2.5's call syntax without its end-of-turn token or its template marker.
+        dataclasses.replace(_QWEN25, name="hermes", detector="hermes", end_of_turn=None, template_markers=("<tool_call>",)),
         ToolFormat(
             name="llama3",
             detector="llama3",

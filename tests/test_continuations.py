@@ -13,9 +13,8 @@ import json
 
 import openai
 import pytest
-from test_openai_api import openai_server
 
-from conftest import test_config
+from conftest import running_server, test_config
 from runtime.continuations import ContinuationStore, HistoryDigest, candidates, normalized
 from runtime.metrics import METRICS
 
@@ -113,7 +112,7 @@ def test_history_digest_copy_is_independent():
 async def api(fake, **env):
     cfg = test_config(**env)
     assert await fake.flush_cache()  # cached_tokens from this test's requests only
-    async with openai_server(cfg, fake) as (addr, app):
+    async with running_server(cfg, fake) as (addr, app):
         clients = []
 
         def client(key: str = "k1") -> openai.AsyncOpenAI:

@@ -4,7 +4,6 @@ driven by the `openai` package itself."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import httpx
@@ -13,25 +12,15 @@ import pytest
 import pytest_asyncio
 
 from conftest import running_server, test_config
-from runtime.openai_api import openai_routes
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
-@contextlib.asynccontextmanager
-async def openai_server(cfg, backend):
-    """running_server with the /v1 routes (added here until runtime.app routes them itself)."""
-    async with running_server(cfg, backend) as (addr, app):
-        if not any(getattr(r, "path", None) == "/v1/models" for r in app.router.routes):
-            app.router.routes.extend(openai_routes(app.state.server))
-        yield addr, app
-
-
 @pytest_asyncio.fixture(scope="module")
 async def oai_server(cfg, fake_backend):
-    async with openai_server(cfg, fake_backend) as (addr, app):
+    async with running_server(cfg, fake_backend) as (addr, app):
         yield addr, app
 
 
@@ -192,7 +181,7 @@ async def test_context_too_long_is_400(client, fake):
 
 
 async def test_api_key(fake):
-    async with openai_server(test_config(INFERENCE_API_KEY="k1"), fake) as (addr, _):
+    async with running_server(test_config(INFERENCE_API_KEY="k1"), fake) as (addr, _):
         for key in ("wrong", ""):
             async with openai.AsyncOpenAI(base_url=f"http://{addr}/v1", api_key=key, max_retries=0) as c:
                 with pytest.raises(openai.AuthenticationError) as err:
@@ -272,7 +261,7 @@ async def test_engine_death_mid_stream_is_an_sse_error_then_done(cfg):
     backend.hang_when_killed = True
     await backend.start()
     try:
-        async with openai_server(cfg, backend) as (addr, _):
+        async with running_server(cfg, backend) as (addr, _):
             async with openai.AsyncOpenAI(base_url=f"http://{addr}/v1", api_key="x", max_retries=0) as c:
                 stream = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
                                                          max_tokens=24, stream=True)
