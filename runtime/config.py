@@ -141,13 +141,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("trust_remote_code", _bool, "false", "Allow model repositories to run their own code (transformers trust_remote_code).", "model"),
     Setting("device", _choice("auto", "cpu", "cuda"), "auto", "Where the engine runs. auto: cuda when a CUDA device is visible, else cpu."),
     Setting("dtype", _choice("auto", "bfloat16", "float16", "float32"), "auto", "Weights and activations dtype. auto: bfloat16 on cpu, the checkpoint's dtype on cuda."),
-    Setting("attn_implementation", _choice("auto", "sdpa", "flash_attention_2", "eager"), "auto", "Attention implementation, mapped to an SGLang attention backend per device: cpu -> auto: torch_native with this project's prefix-aware SDPA (runtime/cpu_attention.py), sdpa/eager: SGLang's torch_native as is, flash_attention_2 is refused; cuda -> auto: flashinfer, flash_attention_2: fa3, sdpa/eager: torch_native."),
+    Setting("attn_implementation", _choice("auto", "sdpa", "flash_attention_2", "eager"), "auto", "Attention implementation, mapped to an SGLang attention backend per device: cpu -> auto: torch_native with this project's prefix-aware SDPA (runtime/sglang_adapter/cpu_attention.py), sdpa/eager: SGLang's torch_native as is, flash_attention_2 is refused; cuda -> auto: flashinfer, flash_attention_2: fa3, sdpa/eager: torch_native."),
     Setting("quantization", _choice("none", "awq", "gptq", "bnb-4bit", "fp8"), "none", "Weight quantization, passed to SGLang (bnb-4bit -> bitsandbytes). None of these has a CPU path in SGLang: refused on cpu."),
     Setting("bnb_compute_dtype", _choice("float16", "bfloat16"), "bfloat16", "Compute dtype for bnb-4bit (the engine dtype when INFERENCE_QUANTIZATION=bnb-4bit; ignored otherwise)."),
     Setting("context_length", _int(minimum=128, allow_zero_auto=True), "0", "Maximum tokens per sequence (prompt + completion). 0: the model's own limit."),
     Setting("kv_cache_tokens", _int(minimum=1024, allow_zero_auto=True), "0", "KV-cache capacity in tokens (SGLang max_total_tokens). 0: 65536 on cpu (about 1.5 GB for the default model), SGLang's sizing from INFERENCE_MEM_FRACTION_STATIC on cuda."),
     Setting("mem_fraction_static", _float(minimum=0.05, maximum=0.95), "0.8", "Fraction of device memory SGLang may hold for weights and KV cache on cuda (on cpu the KV cache is bounded by INFERENCE_KV_CACHE_TOKENS instead)."),
     Setting("engine_metrics", _choice("auto", "on", "off"), "auto", "SGLang's own Prometheus metrics (cache hit rate, queue, token usage), rendered after the runtime's in /metrics. auto: on with cuda, off on cpu, where collecting them on every scheduler step cost about a fifth of decode speed (docs/BENCHMARKS.md). The runtime's own metrics are always on."),
+    Setting("cpu_packed_linears", _bool, "true", "On cpu, bf16 linear layers and the lm_head run on weights reordered once for oneDNN instead of F.linear reordering them every call (runtime/sglang_adapter/cpu_linear.py; 1.5-2x faster GEMMs at decode sizes, docs/BENCHMARKS.md). Ignored on cuda."),
     Setting("jump_forward", _bool, "true", "Text the tool-call grammar forces at the start of a turn (the opening of a required or named call, up to what the model chooses) is appended to the prompt instead of decoded one token per step. Off: every output token is a decode step."),
     Setting("radix_cache", _bool, "true", "RadixAttention prefix cache. Turn off only to measure what it buys (the benchmark's no-radix mode)."),
     Setting("cuda_graph", _bool, "true", "Capture CUDA graphs for decode on cuda (ignored on cpu, where SGLang's CPU graph needs Intel AMX)."),
@@ -208,6 +209,7 @@ class Config:
     kv_cache_tokens: int
     mem_fraction_static: float
     engine_metrics: str
+    cpu_packed_linears: bool
     jump_forward: bool
     radix_cache: bool
     cuda_graph: bool

@@ -92,15 +92,17 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
     return kwargs
 
 
-async def _attention_class(tm: Any) -> str | None:
-    """The attention backend class the scheduler runs, as runtime.sglang_adapter.plugin reports it
-    (None where the plugin is not loaded, e.g. on CUDA)."""
+async def _plugin_report(tm: Any) -> dict[str, Any]:
+    """What runtime.sglang_adapter.plugin reports from the scheduler: the attention backend class
+    it runs and how many layers run packed weights (empty where the plugin is not loaded, e.g. on
+    CUDA)."""
     try:
         states = await tm.get_internal_state()
     except Exception as exc:  # informational only
         log.debug("no internal state from the scheduler: %s", exc)
-        return None
-    return next((s[sglang_plugin.STATE_KEY] for s in states if sglang_plugin.STATE_KEY in s), None)
+        return {}
+    keys = (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY)
+    return next(({k: s[k] for k in keys if k in s} for s in states if sglang_plugin.STATE_KEY in s), {})
 
 
 class EmbeddedBackend(TokenBackend):
@@ -150,6 +152,7 @@ class EmbeddedBackend(TokenBackend):
         if self._cfg.device == "cpu":
             # Read by runtime.sglang_adapter.plugin in the engine's processes (they inherit the environment).
             os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
+            os.environ[sglang_plugin.LINEAR_ENV] = "packed" if self._cfg.cpu_packed_linears else "sglang"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()
@@ -165,7 +168,8 @@ class EmbeddedBackend(TokenBackend):
         self._reclaim_signals(saved)
         self._tokenizer = tm.tokenizer
         loads = await tm.get_loads()
-        attention_class = await _attention_class(tm)
+        report = await _plugin_report(tm)
+        attention_class = report.get(sglang_plugin.STATE_KEY)
         if attention_class and attention_class.endswith(".PrefixSDPABackend"):
             attention += "+prefix-sdpa"
         kv_tokens = int(loads[0].max_total_num_tokens) if loads else int(kwargs.get("max_total_tokens", 0))
@@ -178,7 +182,8 @@ class EmbeddedBackend(TokenBackend):
             context_length=int(tm.context_len),
             kv_capacity_tokens=kv_tokens,
             radix_cache=self._cfg.radix_cache,
-            extra={"sgl_kernel": env["sgl_kernel"], "model_path": self.model_path, "attention_class": attention_class},
+            extra={"sgl_kernel": env["sgl_kernel"], "model_path": self.model_path, "attention_class": attention_class,
+                   "packed_linear_layers": int(report.get(sglang_plugin.PACKED_KEY, 0))},
         )
         self._ready = True
         self._dead_reason = None

@@ -77,7 +77,16 @@ class DecodePlan:
 
     key: tuple[int, int]  # ids of (req_pool_indices, seq_lens) it was made for
     groups: list[_Group]
-    singles: list[tuple[int, torch.Tensor]]  # (batch index, its slots): decoded alone
+    singles: list[tuple[int, slice | torch.Tensor]]  # (batch index, its slots): decoded alone
+
+
+def _take(cache: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
+    """The pool's rows at `slots`: a view for a contiguous run, else one index_select (on CPU about
+    10x faster than advanced indexing `cache[slots]` for these shapes: 8 x 1,000 slots of a
+    [slots, 3, 64] bf16 pool, 57 us against 614)."""
+    if isinstance(slots, slice):
+        return cache[slots]
+    return torch.index_select(cache, 0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
 def _run(slots: torch.Tensor) -> slice | torch.Tensor:
@@ -109,10 +118,10 @@ def decode_plan(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
         else:
             clusters.append((row, [i], row.numel() - 1))
     groups: list[_Group] = []
-    singles: list[tuple[int, torch.Tensor]] = []
+    singles: list[tuple[int, slice | torch.Tensor]] = []
     for base, members, shared in clusters:
         if len(members) < 2:
-            singles += [(i, rows[i]) for i in members]
+            singles += [(i, _run(rows[i])) for i in members]
             continue
         own = [rows[i][shared:] for i in members]
         longest = max(o.numel() for o in own)
@@ -159,8 +168,8 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
             if new == 0:
                 continue
             tokens = req_to_token[pool_idx, :total]
-            keys = k_cache[tokens].to(query.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, total, D]
-            values = v_cache[tokens].to(query.dtype).transpose(0, 1).unsqueeze(0)
+            keys = _take(k_cache, tokens).to(query.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, total, D]
+            values = _take(v_cache, tokens).to(query.dtype).transpose(0, 1).unsqueeze(0)
             for lo in range(0, new, QUERY_BLOCK):
                 hi = min(new, lo + QUERY_BLOCK)
                 q = query[start + lo : start + hi]  # [rows, H, D]
@@ -209,8 +218,8 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
         for group in plan.groups:
             output[group.members] = _attend_group(query[group.members], k_cache, v_cache, group, scaling).to(output.dtype)
         for i, tokens in plan.singles:
-            keys = k_cache[tokens].to(query.dtype).transpose(0, 1).unsqueeze(0)
-            values = v_cache[tokens].to(query.dtype).transpose(0, 1).unsqueeze(0)
+            keys = _take(k_cache, tokens).to(query.dtype).transpose(0, 1).unsqueeze(0)
+            values = _take(v_cache, tokens).to(query.dtype).transpose(0, 1).unsqueeze(0)
             # one query row per head: the group's heads become the rows of their KV head
             out = sdpa(_grouped(query[i : i + 1], kv_heads), keys, values, scale=scaling)
             output[i : i + 1] = _ungrouped(out, 1)
@@ -228,14 +237,14 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     r, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     g = heads // kv_heads
-    pk = k_cache[group.prefix].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, P, D]
-    pv = v_cache[group.prefix].to(q.dtype).transpose(0, 1).unsqueeze(0)
+    pk = _take(k_cache, group.prefix).to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, P, D]
+    pv = _take(v_cache, group.prefix).to(q.dtype).transpose(0, 1).unsqueeze(0)
     out_p, lse_p = _flash(_grouped(q, kv_heads), pk, pv, 0.0, False, scale=scaling)  # rows (g, r)
     dv = out_p.shape[-1]
     out_p = out_p.view(kv_heads, g, r, dv).permute(2, 0, 1, 3)  # [R, Hkv, g, Dv]
     lse_p = lse_p.view(kv_heads, g, r).permute(2, 0, 1)
-    ok = k_cache[group.own].to(q.dtype).permute(0, 2, 1, 3)  # [R, Hkv, S, D]
-    ov = v_cache[group.own].to(q.dtype).permute(0, 2, 1, 3)
+    ok = _take(k_cache, group.own).to(q.dtype).permute(0, 2, 1, 3)  # [R, Hkv, S, D]
+    ov = _take(v_cache, group.own).to(q.dtype).permute(0, 2, 1, 3)
     out_o, lse_o = _flash(q.view(r, kv_heads, g, dim), ok, ov, 0.0, False, attn_mask=group.own_mask.to(q.dtype), scale=scaling)
     top = torch.maximum(lse_p, lse_o)
     wp, wo = (lse_p - top).exp().unsqueeze(-1), (lse_o - top).exp().unsqueeze(-1)

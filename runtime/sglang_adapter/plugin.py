@@ -7,8 +7,12 @@ so this is how code reaches the engine's own processes. On a CPU engine
 - replaces the `torch_native` attention backend class with
   runtime.sglang_adapter.cpu_attention.PrefixSDPABackend, unless AGENT_RUNTIME_CPU_ATTENTION=sglang
   (runtime.backends.embedded sets that for INFERENCE_ATTN_IMPLEMENTATION=sdpa or eager);
-- adds `attention_backend_class` (the class the scheduler's model runner really holds) to the
-  scheduler's internal state, which runtime.backends.embedded reads back at start and reports.
+- runs unquantized bf16 linear layers and the lm_head on weights reordered once for oneDNN
+  (runtime.sglang_adapter.cpu_linear), unless AGENT_RUNTIME_CPU_LINEAR=sglang
+  (runtime.backends.embedded sets that for INFERENCE_CPU_PACKED_LINEARS=false);
+- adds `attention_backend_class` (the class the scheduler's model runner really holds) and
+  `packed_linear_layers` (how many of its layers run packed weights) to the scheduler's internal
+  state, which runtime.backends.embedded reads back at start and reports.
 
 Elsewhere (CUDA engines, other SGLang users of this environment) it does nothing.
 """
@@ -20,8 +24,12 @@ from typing import Any
 
 ENV = "AGENT_RUNTIME_CPU_ATTENTION"  # "prefix-sdpa" (default) or "sglang"
 BACKEND_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
+LINEAR_ENV = "AGENT_RUNTIME_CPU_LINEAR"  # "packed" (default) or "sglang"
+LINEAR_METHOD = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod"
+LM_HEAD_TARGET = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head"
 STATE_TARGET = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state"
 STATE_KEY = "attention_backend_class"
+PACKED_KEY = "packed_linear_layers"
 
 
 def cpu_engine() -> bool:
@@ -32,10 +40,20 @@ def active() -> bool:
     return cpu_engine() and os.environ.get(ENV, "prefix-sdpa") != "sglang"
 
 
+def linear_active() -> bool:
+    return cpu_engine() and os.environ.get(LINEAR_ENV, "packed") != "sglang"
+
+
 def _report_attention(result: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
     try:
-        backend = state.scheduler.tp_worker.model_runner.attn_backend
+        runner = state.scheduler.tp_worker.model_runner
+        backend = runner.attn_backend
         result.internal_state[STATE_KEY] = f"{type(backend).__module__}.{type(backend).__qualname__}"
+        from runtime.sglang_adapter.cpu_linear import PACKED
+
+        # linear layers only (their dense weight dropped); the lm_head is packed on its first use
+        result.internal_state[PACKED_KEY] = sum(1 for m in runner.model.modules()
+                                                if hasattr(m, PACKED) and not hasattr(m, "weight"))
     except Exception:  # a report, never a failure of the scheduler's own call
         pass
     return result
@@ -51,3 +69,12 @@ def load() -> None:
         from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
 
         HookRegistry.register(BACKEND_TARGET, PrefixSDPABackend, HookType.REPLACE)
+    if linear_active():
+        from runtime.sglang_adapter import cpu_linear
+
+        if cpu_linear.available():
+            HookRegistry.register(f"{LINEAR_METHOD}.process_weights_after_loading", cpu_linear.after_weights_loaded,
+                                  HookType.AFTER)
+            HookRegistry.register(f"{LINEAR_METHOD}.apply", cpu_linear.apply, HookType.AROUND)
+            HookRegistry.register(f"{LINEAR_METHOD}.apply_into", cpu_linear.apply_into, HookType.AROUND)
+            HookRegistry.register(LM_HEAD_TARGET, cpu_linear.lm_head, HookType.AROUND)

@@ -1,0 +1,103 @@
+"""Prepacked bf16 linear layers for CPU engines without Intel AMX kernels.
+
+SGLang's unquantized linear method runs `F.linear` on CPU unless the real `sgl_kernel` with
+AMX support is there (it then packs each weight once for its own kernel). A decode step is 30
+layers of small GEMMs (a few rows against the whole weight). Measured on this project's CPU
+hosts (AVX-512 with bf16, 2 threads), the default model's layer shapes at 1-8 rows run 1.5-2x
+faster on a weight reordered once into oneDNN's own layout
+(`torch.ops.mkldnn._reorder_linear_weight`, what PyTorch's inductor does for CPU linears) and
+multiplied by `torch.ops.mkldnn._linear_pointwise`, with bit-identical results; a decode step of
+4-8 requests about 15% faster (docs/BENCHMARKS.md, "CPU decode").
+
+The plugin (runtime.sglang_adapter.plugin) installs these hooks in a CPU engine's processes:
+
+- after SGLang's `process_weights_after_loading` of an unquantized linear layer, its bf16 weight
+  is reordered once and the dense copy is dropped: the layer's `weight` attribute is deleted, so
+  any code that still reads it fails with an AttributeError instead of computing on something
+  else (a tensor on the meta device would not do: F.linear accepts one and returns garbage);
+- the method's `apply` and `apply_into` run the packed weight;
+- the logits processor's lm_head runs a packed copy of the head, made on its first call (the
+  head is usually tied to the token embedding, which keeps its dense weight).
+
+A layer whose weight is not a 2-D bf16 CPU tensor keeps SGLang's path. Where oneDNN is not
+available the hooks are not installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PACKED = "_agent_runtime_packed_weight"
+
+
+def available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight reordered once for oneDNN, or None where it does not apply."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.requires_grad:
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ packed^T (+ bias) -> [..., out] in x's dtype (bf16)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.dtype != torch.bfloat16:
+        rows = rows.to(torch.bfloat16)
+    out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), packed, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out_features)
+
+
+def after_weights_loaded(result: Any, method: Any, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook on UnquantizedLinearMethod.process_weights_after_loading."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        packed = pack(weight)
+        if packed is not None:
+            setattr(layer, PACKED, packed)
+            del layer.weight
+    return result
+
+
+def apply(original: Any, method: Any, layer: torch.nn.Module, x: torch.Tensor,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """AROUND hook on UnquantizedLinearMethod.apply."""
+    packed = getattr(layer, PACKED, None)
+    if packed is None:
+        return original(method, layer, x, bias)
+    out = linear(x, packed, packed.shape[0], bias)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def apply_into(original: Any, method: Any, layer: torch.nn.Module, x: torch.Tensor, output: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """AROUND hook on UnquantizedLinearMethod.apply_into (a caller-owned output)."""
+    packed = getattr(layer, PACKED, None)
+    if packed is None:
+        return original(method, layer, x, output, bias)
+    output.copy_(linear(x, packed, packed.shape[0], bias))
+    return output
+
+
+def lm_head(original: Any, processor: Any, hidden_states: torch.Tensor, head: Any,
+            embedding_bias: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    """AROUND hook on LogitsProcessor._compute_lm_head: the plain bf16 head runs packed."""
+    weight = getattr(head, "weight", None)
+    plain = (embedding_bias is None and kwargs.get("out") is None and isinstance(weight, torch.Tensor)
+             and hidden_states.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+             and not getattr(processor, "use_fp32_lm_head", False)
+             and getattr(processor, "rl_on_policy_target", None) is None
+             and not hasattr(head, "set_lora") and type(getattr(head, "quant_method", None)).__name__ == "UnquantizedEmbeddingMethod")
+    if not plain:
+        return original(processor, hidden_states, head, embedding_bias, **kwargs)
+    packed = getattr(head, PACKED, None)
+    if packed is None:
+        packed = pack(weight)  # type: ignore[arg-type]
+        if packed is None:
+            return original(processor, hidden_states, head, embedding_bias, **kwargs)
+        setattr(head, PACKED, packed)
+    return linear(hidden_states, packed, weight.shape[0], None)  # type: ignore[union-attr]
