@@ -14,7 +14,8 @@ import logging
 import sys
 from typing import Any
 
-from runtime.config import SETTINGS, ConfigError, env_example, load_config, markdown_table
+from runtime.config import SETTINGS, ConfigError, load_config
+from runtime.config_docs import env_example, markdown_table
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from runtime.backends.embedded import engine_kwargs
-from runtime.config import SETTINGS, Config, ConfigError, env_example, load_config, resolve_device
+from runtime.config import SETTINGS, Config, ConfigError, load_config, resolve_device
+from runtime.config_docs import env_example
 
 
 def load(env=None, **kw):

@@ -4,6 +4,7 @@ they do not apply to on SGLang's path; a CPU engine runs all its linear layers p
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,13 @@ from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod  # no
 from sglang.srt.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod  # noqa: E402
 
 from runtime.sglang_adapter import cpu_linear  # noqa: E402
+
+# SGLang's own functions, unwrapped: where this process has loaded the plugin (an embedded engine
+# in the same test run), the classes carry its hooks. Held in a namespace, not as module globals:
+# SGLang's hook registry also rebinds every module global that holds a function it wraps.
+SGLANG = SimpleNamespace(apply=inspect.unwrap(UnquantizedLinearMethod.apply),
+                         apply_into=inspect.unwrap(UnquantizedLinearMethod.apply_into),
+                         lm_head=inspect.unwrap(LogitsProcessor._compute_lm_head))
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="oneDNN (mkldnn) is not available in this torch")
 
@@ -39,10 +47,10 @@ def test_packed_apply_gives_sglangs_result(out_features, in_features, rows, with
     dense = layer.weight.detach().clone()
     bias = torch.randn(out_features).to(torch.bfloat16) if with_bias else None
     x = torch.randn(rows, in_features).to(torch.bfloat16)
-    expected = UnquantizedLinearMethod.apply(method, layer, x, bias)  # SGLang's path: F.linear
+    expected = SGLANG.apply(method, layer, x, bias)  # SGLang's path: F.linear
 
     cpu_linear.after_weights_loaded(None, method, layer)
-    got = cpu_linear.apply(UnquantizedLinearMethod.apply, method, layer, x, bias)
+    got = cpu_linear.apply(SGLANG.apply, method, layer, x, bias)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
     # the same oneDNN bf16 GEMM, so the same bits; checked against float32 too
     assert torch.equal(got, expected)
@@ -58,7 +66,7 @@ def test_the_dense_weight_is_dropped_and_any_use_of_it_fails_loudly():
     assert packed.is_mkldnn and packed.shape == (64, 32)
     assert "weight" not in dict(layer.named_parameters())
     with pytest.raises(AttributeError, match="weight"):
-        UnquantizedLinearMethod.apply(method, layer, torch.randn(2, 32).to(torch.bfloat16))
+        SGLANG.apply(method, layer, torch.randn(2, 32).to(torch.bfloat16))
 
 
 def test_batched_inputs_and_apply_into():
@@ -67,9 +75,9 @@ def test_batched_inputs_and_apply_into():
     x = torch.randn(2, 5, 64).to(torch.bfloat16)
     expected = F.linear(x, layer.weight)
     cpu_linear.after_weights_loaded(None, method, layer)
-    assert torch.equal(cpu_linear.apply(UnquantizedLinearMethod.apply, method, layer, x), expected)
+    assert torch.equal(cpu_linear.apply(SGLANG.apply, method, layer, x), expected)
     out = torch.empty(10, 96, dtype=torch.bfloat16)
-    assert cpu_linear.apply_into(UnquantizedLinearMethod.apply_into, method, layer, x.view(10, 64), out) is out
+    assert cpu_linear.apply_into(SGLANG.apply_into, method, layer, x.view(10, 64), out) is out
     assert torch.equal(out, expected.view(10, 96))
 
 
@@ -82,7 +90,7 @@ def test_layers_it_does_not_apply_to_stay_on_sglangs_path():
 
     def original(*args):
         calls.append(args)
-        return UnquantizedLinearMethod.apply(*args)
+        return SGLANG.apply(*args)
 
     x = torch.randn(3, 8)
     assert torch.equal(cpu_linear.apply(original, method, layer, x), F.linear(x, layer.weight)) and len(calls) == 1
@@ -101,7 +109,7 @@ def test_lm_head_packed_on_first_use_gives_sglangs_logits():
 
     def original(*args, **kwargs):
         calls.append(args)
-        return LogitsProcessor._compute_lm_head(*args, **kwargs)
+        return SGLANG.lm_head(*args, **kwargs)
 
     expected = original(processor, hidden, head)  # SGLang's own: hidden @ weight.T
     calls.clear()

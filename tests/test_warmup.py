@@ -35,6 +35,22 @@ async def test_conversations_starting_together_compute_the_prefix_once(radix):
     rt = AgentRuntime(test_config(), fake)
     prefix = len(await rt._prefix_ids(SYSTEM, rt.check_tools(TOOLS)))
     assert prefix >= MIN_SHARED_WARM_TOKENS
+    # "Together": the warm-up does not start before all four have asked for it (on a loaded host
+    # the last one could otherwise arrive after it finished, and rightly warm again).
+    arrived, all_in, ensure = [], asyncio.Event(), rt.warmups.ensure
+
+    async def gathered_ensure(key, warm):
+        arrived.append(key)
+        if len(arrived) == 4:
+            all_in.set()
+
+        async def gated():
+            await all_in.wait()
+            await warm()
+
+        await ensure(key, gated)
+
+    rt.warmups.ensure = gathered_ensure  # type: ignore[method-assign]
     outs = await asyncio.gather(*(_turn(rt, f"question {i}") for i in range(4)))
     warms = [r for r in fake.requests if r.rid.startswith("warm-")]
     if not radix:  # nothing to share: no warm-up
