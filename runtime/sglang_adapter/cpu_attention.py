@@ -89,6 +89,11 @@ def _take(cache: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
     return torch.index_select(cache, 0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
+def _heads_first(cache: torch.Tensor, slots: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One request's (or a shared prefix's) K or V as SDPA takes them: [1, Hkv, n, D]."""
+    return _take(cache, slots).to(dtype).transpose(0, 1).unsqueeze(0)
+
+
 def _run(slots: torch.Tensor) -> slice | torch.Tensor:
     """Slots as a slice of the pool when they are one ascending contiguous run (a view, no copy)."""
     n = slots.numel()
@@ -168,8 +173,7 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
             if new == 0:
                 continue
             tokens = req_to_token[pool_idx, :total]
-            keys = _take(k_cache, tokens).to(query.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, total, D]
-            values = _take(v_cache, tokens).to(query.dtype).transpose(0, 1).unsqueeze(0)
+            keys, values = _heads_first(k_cache, tokens, query.dtype), _heads_first(v_cache, tokens, query.dtype)
             for lo in range(0, new, QUERY_BLOCK):
                 hi = min(new, lo + QUERY_BLOCK)
                 q = query[start + lo : start + hi]  # [rows, H, D]
@@ -218,8 +222,7 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
         for group in plan.groups:
             output[group.members] = _attend_group(query[group.members], k_cache, v_cache, group, scaling).to(output.dtype)
         for i, tokens in plan.singles:
-            keys = _take(k_cache, tokens).to(query.dtype).transpose(0, 1).unsqueeze(0)
-            values = _take(v_cache, tokens).to(query.dtype).transpose(0, 1).unsqueeze(0)
+            keys, values = _heads_first(k_cache, tokens, query.dtype), _heads_first(v_cache, tokens, query.dtype)
             # one query row per head: the group's heads become the rows of their KV head
             out = sdpa(_grouped(query[i : i + 1], kv_heads), keys, values, scale=scaling)
             output[i : i + 1] = _ungrouped(out, 1)
@@ -237,8 +240,7 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     r, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     g = heads // kv_heads
-    pk = _take(k_cache, group.prefix).to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, P, D]
-    pv = _take(v_cache, group.prefix).to(q.dtype).transpose(0, 1).unsqueeze(0)
+    pk, pv = _heads_first(k_cache, group.prefix, q.dtype), _heads_first(v_cache, group.prefix, q.dtype)
     out_p, lse_p = _flash(_grouped(q, kv_heads), pk, pv, 0.0, False, scale=scaling)  # rows (g, r)
     dv = out_p.shape[-1]
     out_p = out_p.view(kv_heads, g, r, dv).permute(2, 0, 1, 3)  # [R, Hkv, g, Dv]

@@ -43,13 +43,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ packed^T (+ bias) -> [..., out] in x's dtype (bf16)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.dtype != torch.bfloat16:
-        rows = rows.to(torch.bfloat16)
-    out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), packed, bias, "none", [], "")
-    return out.view(*x.shape[:-1], out_features)
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ packed^T (+ bias) -> [..., out], computed in bf16 and returned in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    return out.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
 
 
 def after_weights_loaded(result: Any, method: Any, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -69,8 +67,7 @@ def apply(original: Any, method: Any, layer: torch.nn.Module, x: torch.Tensor,
     packed = getattr(layer, PACKED, None)
     if packed is None:
         return original(method, layer, x, bias)
-    out = linear(x, packed, packed.shape[0], bias)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return linear(x, packed, bias)
 
 
 def apply_into(original: Any, method: Any, layer: torch.nn.Module, x: torch.Tensor, output: torch.Tensor,
@@ -79,7 +76,7 @@ def apply_into(original: Any, method: Any, layer: torch.nn.Module, x: torch.Tens
     packed = getattr(layer, PACKED, None)
     if packed is None:
         return original(method, layer, x, output, bias)
-    output.copy_(linear(x, packed, packed.shape[0], bias))
+    output.copy_(linear(x, packed, bias))
     return output
 
 
@@ -100,4 +97,4 @@ def lm_head(original: Any, processor: Any, hidden_states: torch.Tensor, head: An
         if packed is None:
             return original(processor, hidden_states, head, embedding_bias, **kwargs)
         setattr(head, PACKED, packed)
-    return linear(hidden_states, packed, weight.shape[0], None)  # type: ignore[union-attr]
+    return linear(hidden_states, packed, None)

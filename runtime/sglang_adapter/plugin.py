@@ -44,7 +44,7 @@ def linear_active() -> bool:
     return cpu_engine() and os.environ.get(LINEAR_ENV, "packed") != "sglang"
 
 
-def _report_attention(result: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
+def _report_state(result: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         runner = state.scheduler.tp_worker.model_runner
         backend = runner.attn_backend
@@ -64,7 +64,7 @@ def load() -> None:
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(STATE_TARGET, _report_attention, HookType.AFTER)
+    HookRegistry.register(STATE_TARGET, _report_state, HookType.AFTER)
     if active():
         from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
 
