@@ -6,8 +6,9 @@ layers of small GEMMs (a few rows against the whole weight). Measured on this pr
 hosts (AVX-512 with bf16, 2 threads), the default model's layer shapes at 1-8 rows run 1.5-2x
 faster on a weight reordered once into oneDNN's own layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what PyTorch's inductor does for CPU linears) and
-multiplied by `torch.ops.mkldnn._linear_pointwise`, with bit-identical results; a decode step of
-4-8 requests about 15% faster (docs/BENCHMARKS.md, "CPU decode").
+multiplied by `torch.ops.mkldnn._linear_pointwise`, with bit-identical results. Together with the
+attention's gathers by index_select, a decode step is 1.21-1.27x faster, measured inside one
+engine (docs/BENCHMARKS.md, "CPU decode").
 
 The plugin (runtime.sglang_adapter.plugin) installs these hooks in a CPU engine's processes:
 
