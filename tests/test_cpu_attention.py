@@ -100,23 +100,26 @@ from sglang.srt.layers.attention import torch_native_backend as m
 from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 print(m.TorchNativeAttnBackend.__module__ + "." + m.TorchNativeAttnBackend.__name__)
 print("packed" if getattr(UnquantizedLinearMethod.apply, "__wrapped__", None) else "sglang")
+from sglang.srt.models.llama import LlamaModel
+print("lean" if getattr(LlamaModel.forward, "__wrapped__", None) else "sglang")
 """
 
 PREFIX_SDPA = "runtime.sglang_adapter.cpu_attention.PrefixSDPABackend"
 TORCH_NATIVE = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
-# (environment, attention backend class, linear layers) as the plugin leaves them
+# (environment, attention backend class, linear layers, decode steps) as the plugin leaves them
 PLUGIN_CASES = [
-    ({"SGLANG_USE_CPU_ENGINE": "1"}, PREFIX_SDPA, "packed"),
-    ({"SGLANG_USE_CPU_ENGINE": "1", "AGENT_RUNTIME_CPU_ATTENTION": "sglang"}, TORCH_NATIVE, "packed"),
-    ({"SGLANG_USE_CPU_ENGINE": "1", "AGENT_RUNTIME_CPU_LINEAR": "sglang"}, PREFIX_SDPA, "sglang"),
-    ({"SGLANG_USE_CPU_ENGINE": "0"}, TORCH_NATIVE, "sglang"),
+    ({"SGLANG_USE_CPU_ENGINE": "1"}, PREFIX_SDPA, "packed", "lean"),
+    ({"SGLANG_USE_CPU_ENGINE": "1", "AGENT_RUNTIME_CPU_ATTENTION": "sglang"}, TORCH_NATIVE, "packed", "sglang"),
+    ({"SGLANG_USE_CPU_ENGINE": "1", "AGENT_RUNTIME_CPU_LINEAR": "sglang"}, PREFIX_SDPA, "sglang", "sglang"),
+    ({"SGLANG_USE_CPU_ENGINE": "1", "AGENT_RUNTIME_CPU_DECODE": "sglang"}, PREFIX_SDPA, "packed", "sglang"),
+    ({"SGLANG_USE_CPU_ENGINE": "0"}, TORCH_NATIVE, "sglang", "sglang"),
 ]
 
 
 @pytest.fixture(scope="module")
 def plugin_probes():
     """Each case's probe, run in a fresh process; all at once (each is an SGLang import, ~10 s)."""
-    drop = ("SGLANG_USE_CPU_ENGINE", "AGENT_RUNTIME_CPU_ATTENTION", "AGENT_RUNTIME_CPU_LINEAR")
+    drop = ("SGLANG_USE_CPU_ENGINE", "AGENT_RUNTIME_CPU_ATTENTION", "AGENT_RUNTIME_CPU_LINEAR", "AGENT_RUNTIME_CPU_DECODE")
     base = {k: v for k, v in os.environ.items() if k not in drop}
     procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env={**base, **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for env, *_ in PLUGIN_CASES]
@@ -130,13 +133,14 @@ def plugin_probes():
 
 
 @pytest.mark.parametrize("case", range(len(PLUGIN_CASES)),
-                         ids=["cpu-engine", "cpu-engine-sglang-attention", "cpu-engine-sglang-linear", "not-cpu"])
+                         ids=["cpu-engine", "cpu-engine-sglang-attention", "cpu-engine-sglang-linear",
+                              "cpu-engine-sglang-decode", "not-cpu"])
 def test_plugin_installs_the_backend_in_a_fresh_sglang_process(case, plugin_probes):
     # What SGLang's scheduler process does first: load the installed plugins (entry points).
-    _, attention, linear = PLUGIN_CASES[case]
+    _, attention, linear, decode = PLUGIN_CASES[case]
     stdout, stderr, returncode = plugin_probes[case]
     assert returncode == 0, stderr[-2000:]
-    assert stdout.strip().splitlines()[-2:] == [attention, linear]
+    assert stdout.strip().splitlines()[-3:] == [attention, linear, decode]
 
 
 @pytest.mark.engine

@@ -94,15 +94,23 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
 
 async def _plugin_report(tm: Any) -> dict[str, Any]:
     """What runtime.sglang_adapter.plugin reports from the scheduler: the attention backend class
-    it runs and how many layers run packed weights (empty where the plugin is not loaded, e.g. on
-    CUDA)."""
+    it runs, how many layers run packed weights and what the CPU decode loop did (empty where the
+    plugin is not loaded, e.g. on CUDA)."""
     try:
         states = await tm.get_internal_state()
     except Exception as exc:  # informational only
         log.debug("no internal state from the scheduler: %s", exc)
         return {}
-    keys = (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY)
+    keys = (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY, sglang_plugin.DECODE_KEY)
     return next(({k: s[k] for k in keys if k in s} for s in states if sglang_plugin.STATE_KEY in s), {})
+
+
+def _decode_loop(state: Any) -> str:
+    """How the engine runs decode steps on CPU: "lean" (runtime.sglang_adapter.cpu_decode) or
+    "sglang" with the reason the loop does not apply."""
+    if not isinstance(state, dict):
+        return "sglang"
+    return "lean" if state.get("runs") else f"sglang ({state.get('reason') or 'not eligible'})"
 
 
 class EmbeddedBackend(TokenBackend):
@@ -153,6 +161,7 @@ class EmbeddedBackend(TokenBackend):
             # Read by runtime.sglang_adapter.plugin in the engine's processes (they inherit the environment).
             os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
             os.environ[sglang_plugin.LINEAR_ENV] = "packed" if self._cfg.cpu_packed_linears else "sglang"
+            os.environ[sglang_plugin.DECODE_ENV] = "lean" if self._cfg.cpu_lean_decode else "sglang"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()
@@ -183,7 +192,8 @@ class EmbeddedBackend(TokenBackend):
             kv_capacity_tokens=kv_tokens,
             radix_cache=self._cfg.radix_cache,
             extra={"sgl_kernel": env["sgl_kernel"], "model_path": self.model_path, "attention_class": attention_class,
-                   "packed_linear_layers": int(report.get(sglang_plugin.PACKED_KEY, 0))},
+                   "packed_linear_layers": int(report.get(sglang_plugin.PACKED_KEY, 0)),
+                   "cpu_decode": _decode_loop(report.get(sglang_plugin.DECODE_KEY))},
         )
         self._ready = True
         self._dead_reason = None

@@ -10,8 +10,13 @@ so this is how code reaches the engine's own processes. On a CPU engine
 - runs unquantized bf16 linear layers and the lm_head on weights reordered once for oneDNN
   (runtime.sglang_adapter.cpu_linear), unless AGENT_RUNTIME_CPU_LINEAR=sglang
   (runtime.backends.embedded sets that for INFERENCE_CPU_PACKED_LINEARS=false);
+- runs decode steps of SGLang's dense Llama models without its per-layer machinery
+  (runtime.sglang_adapter.cpu_decode) where the two above are both on, unless
+  AGENT_RUNTIME_CPU_DECODE=sglang (runtime.backends.embedded sets that for
+  INFERENCE_CPU_LEAN_DECODE=false);
 - adds `attention_backend_class` (the class the scheduler's model runner really holds) and
-  `packed_linear_layers` (how many of its layers run packed weights) to the scheduler's internal
+  `packed_linear_layers` (how many of its layers run packed weights) and `cpu_decode` (decode
+  steps run by the loop, or why the model keeps SGLang's forward) to the scheduler's internal
   state, which runtime.backends.embedded reads back at start and reports.
 
 Elsewhere (CUDA engines, other SGLang users of this environment) it does nothing.
@@ -30,6 +35,9 @@ LM_HEAD_TARGET = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm
 STATE_TARGET = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state"
 STATE_KEY = "attention_backend_class"
 PACKED_KEY = "packed_linear_layers"
+DECODE_ENV = "AGENT_RUNTIME_CPU_DECODE"  # "lean" (default) or "sglang"
+DECODE_TARGET = "sglang.srt.models.llama.LlamaModel.forward"
+DECODE_KEY = "cpu_decode"
 
 
 def cpu_engine() -> bool:
@@ -44,6 +52,10 @@ def linear_active() -> bool:
     return cpu_engine() and os.environ.get(LINEAR_ENV, "packed") != "sglang"
 
 
+def decode_active() -> bool:
+    return active() and linear_active() and os.environ.get(DECODE_ENV, "lean") != "sglang"
+
+
 def _report_state(result: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         runner = state.scheduler.tp_worker.model_runner
@@ -54,6 +66,10 @@ def _report_state(result: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
         # linear layers only (their dense weight dropped); the lm_head is packed on its first use
         result.internal_state[PACKED_KEY] = sum(1 for m in runner.model.modules()
                                                 if hasattr(m, PACKED) and not hasattr(m, "weight"))
+        if decode_active():
+            from runtime.sglang_adapter import cpu_decode
+
+            result.internal_state[DECODE_KEY] = cpu_decode.report(runner.model)
     except Exception:  # a report, never a failure of the scheduler's own call
         pass
     return result
@@ -78,3 +94,7 @@ def load() -> None:
             HookRegistry.register(f"{LINEAR_METHOD}.apply", cpu_linear.apply, HookType.AROUND)
             HookRegistry.register(f"{LINEAR_METHOD}.apply_into", cpu_linear.apply_into, HookType.AROUND)
             HookRegistry.register(LM_HEAD_TARGET, cpu_linear.lm_head, HookType.AROUND)
+            if decode_active():
+                from runtime.sglang_adapter import cpu_decode
+
+                HookRegistry.register(DECODE_TARGET, cpu_decode.forward, HookType.AROUND)
