@@ -38,12 +38,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sglang.srt.model_executor.forward_context import get_attn_backend
 
+from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
 from runtime.sglang_adapter.cpu_linear import PACKED
+from runtime.sglang_adapter.cpu_linear import matmul as _mm
 
 VERIFY_ENV = "AGENT_RUNTIME_CPU_DECODE_VERIFY"
+VERIFY = os.environ.get(VERIFY_ENV) == "1"  # read once: set for the engine's processes before they start
 _PLAN = "_agent_runtime_decode_plan"  # on the LlamaModel: its _Plan, or why it is not eligible
-_linear = torch.ops.mkldnn._linear_pointwise
 STATS: dict[str, Any] = {"steps": 0, "verified": 0, "mismatches": 0}
 
 
@@ -144,14 +147,8 @@ def report(causal_lm: Any) -> dict[str, Any]:
     return {"runs": not isinstance(plan, str), "reason": plan if isinstance(plan, str) else "", **STATS}
 
 
-def _mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _linear(x, weight, None, "none", [], "")
-
-
 def decode(plan: _Plan, embed: Any, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
     """One decode step's final hidden states (after the model's last norm), as LlamaModel.forward."""
-    from sglang.srt.model_executor.forward_context import get_attn_backend
-
     backend = get_attn_backend()
     hidden = embed(input_ids)
     n = hidden.shape[0]
@@ -188,15 +185,11 @@ def forward(original: Any, model: Any, input_ids: torch.Tensor, positions: torch
             input_embeds: torch.Tensor | None = None, pp_proxy_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
     """AROUND hook on LlamaModel.forward: plain decode steps of an eligible model run `decode`."""
     plan = _plan_of(model)
-    from sglang.srt.model_executor.forward_context import get_attn_backend
-
-    from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
-
     if (isinstance(plan, str) or input_embeds is not None or pp_proxy_tensors is not None or args or kwargs
             or not forward_batch.forward_mode.is_decode() or not isinstance(get_attn_backend(), PrefixSDPABackend)):
         return original(model, input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, *args, **kwargs)
     STATS["steps"] += 1
-    if os.environ.get(VERIFY_ENV) != "1":
+    if not VERIFY:
         return decode(plan, model.embed_tokens, input_ids, positions, forward_batch)
     expected = original(model, input_ids, positions, forward_batch)
     got = decode(plan, model.embed_tokens, input_ids, positions, forward_batch)  # rewrites the same K/V

@@ -44,11 +44,15 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
+def matmul(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [n, in] (contiguous bf16) @ packed^T (+ bias) -> [n, out]: the one GEMM call, no checks."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ packed^T (+ bias) -> [..., out], computed in bf16 and returned in x's dtype."""
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
-    return out.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+    return matmul(rows, packed, bias).view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
 
 
 def after_weights_loaded(result: Any, method: Any, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
