@@ -150,6 +150,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("engine_metrics", _choice("auto", "on", "off"), "auto", "SGLang's own Prometheus metrics (cache hit rate, queue, token usage), rendered after the runtime's in /metrics. auto: on with cuda, off on cpu, where collecting them on every scheduler step cost about a fifth of decode speed (docs/BENCHMARKS.md). The runtime's own metrics are always on."),
     Setting("cpu_packed_linears", _bool, "true", "On cpu, bf16 linear layers and the lm_head run on weights reordered once for oneDNN instead of F.linear reordering them every call (runtime/sglang_adapter/cpu_linear.py; 1.5-2x faster GEMMs at decode sizes, docs/BENCHMARKS.md). Ignored on cuda."),
     Setting("cpu_lean_decode", _bool, "true", "On cpu, decode steps of Llama-family models run a loop over the same weights and leaf computations without SGLang's per-layer machinery, with bit-identical results (runtime/sglang_adapter/cpu_decode.py, docs/BENCHMARKS.md). Needs INFERENCE_CPU_PACKED_LINEARS and the default attention; ignored on cuda."),
+    Setting("cpu_attention_kernel", _bool, "true", "On cpu, decode attention runs a compiled kernel that reads K/V from the paged pool in place, each shared prefix once per step (runtime/sglang_adapter/decode_attention.c; 5-10x faster than SDPA on the benchmark's shapes, docs/BENCHMARKS.md). Built on first use with the system C compiler into $XDG_CACHE_HOME/agent-runtime/kernels; needs AVX-512 BF16, a bf16 model and head dim 64 or 128, else SDPA as before. Needs the default attention; ignored on cuda."),
     Setting("jump_forward", _bool, "true", "Text the tool-call grammar forces at the start of a turn (the opening of a required or named call, up to what the model chooses) is appended to the prompt instead of decoded one token per step. Off: every output token is a decode step."),
     Setting("radix_cache", _bool, "true", "RadixAttention prefix cache. Turn off only to measure what it buys (the benchmark's no-radix mode)."),
     Setting("cuda_graph", _bool, "true", "Capture CUDA graphs for decode on cuda (ignored on cpu, where SGLang's CPU graph needs Intel AMX)."),
@@ -212,6 +213,7 @@ class Config:
     engine_metrics: str
     cpu_packed_linears: bool
     cpu_lean_decode: bool
+    cpu_attention_kernel: bool
     jump_forward: bool
     radix_cache: bool
     cuda_graph: bool

@@ -17,7 +17,7 @@ prepare("cpu")
 import torch  # noqa: E402
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 
-from runtime.sglang_adapter import cpu_attention  # noqa: E402
+from runtime.sglang_adapter import cpu_attention, native  # noqa: E402
 from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend  # noqa: E402
 
 
@@ -234,3 +234,106 @@ def test_agents_sharing_a_short_header_form_one_group_each():
     out_ref = ref._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=0.25, enable_gqa=True)
     out_new = new._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=0.25, enable_gqa=True)
     assert torch.allclose(out_new, out_ref, atol=1e-5, rtol=1e-5)
+
+
+def _kernel_or_skip():
+    kernel = native.load()
+    if isinstance(kernel, str):
+        # Only hardware without the instructions may skip: a missing compiler or a failed build on
+        # a machine that has them is a failure (CI machines have both).
+        if kernel.startswith(("the CPU lacks", "needs x86-64")):
+            pytest.skip(f"decode attention kernel: {kernel}")
+        pytest.fail(f"decode attention kernel unavailable: {kernel}")
+    return kernel
+
+
+def _reference64(q, k, v, r2t, pool_idx, seq_lens, scale):
+    """Each request's attention over its whole context in float64."""
+    kv_heads = k.shape[1]
+    out = []
+    for i, (p, n) in enumerate(zip(pool_idx.tolist(), seq_lens.tolist(), strict=True)):
+        slots = r2t[p, :n]
+        keys, values = k[slots].double().transpose(0, 1), v[slots].double().transpose(0, 1)  # [Hkv, n, D]
+        qi = q[i].double().view(kv_heads, -1, q.shape[-1])
+        weights = (torch.einsum("hgd,hnd->hgn", qi, keys) * scale).softmax(-1)
+        out.append(torch.einsum("hgn,hnd->hgd", weights, values).reshape(q.shape[1], -1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (12, 2, 128)])
+def test_decode_kernel_matches_sglang(contiguous, heads, kv_heads, dim):
+    """The compiled kernel (bf16 model, head dim 64/128) on the same batch as
+    test_decode_shares_prefixes_and_matches_sglang, plus own parts longer than one of its chunks
+    (256 keys): as close to SGLang's SDPA as SDPA's own bf16 rounding allows, and within one bf16
+    rounding of a float64 reference."""
+    kernel = _kernel_or_skip()
+    plan = [(0, 300, 7), (0, 300, 1), (1, 80, 600), (0, 300, 30), (2, 50, 5), (1, 80, 2), (3, 10, 3), (3, 10, 9),
+            (4, 1, 0)]
+    k, v, r2t, pool_idx, seq_lens = _shared_pool(plan, kv_heads, dim, torch.bfloat16, seed=17, contiguous=contiguous)
+    q = torch.randn(len(plan), heads, dim, generator=torch.Generator().manual_seed(18)).to(torch.bfloat16)
+    ref, new = _backends()
+    made = cpu_attention.decode_plan(r2t, pool_idx, seq_lens, torch.bfloat16, lists=True)
+    assert made.lists is not None and made.groups == [] and made.singles == []
+    # agents 0 and 1: a prefix list and an own list per member; requests 4, 6, 7, 8 alone
+    assert made.lists.key_start.numel() - 1 == (1 + 3) + (1 + 2) + 4
+    args = (k, v, r2t, pool_idx, seq_lens)
+    calls = kernel.calls
+    out_new = new._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=heads != kv_heads)
+    assert kernel.calls == calls + 1
+    out_ref = ref._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=heads != kv_heads)
+    assert torch.allclose(out_new.float(), out_ref.float(), atol=2e-2, rtol=2e-2), (out_new.float() - out_ref.float()).abs().max()
+    exact = _reference64(q, k, v, r2t, pool_idx, seq_lens, dim**-0.5)
+    assert ((out_new.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all(), (out_new.double() - exact).abs().max()
+
+
+def test_decode_kernel_takes_only_what_it_computes():
+    kernel = _kernel_or_skip()
+    q = torch.zeros(2, 9, 64, dtype=torch.bfloat16)
+    pool = torch.zeros(10, 3, 64, dtype=torch.bfloat16)
+    assert kernel.takes(q, torch.zeros_like(q), pool, pool)
+    assert not kernel.takes(q.float(), torch.zeros_like(q).float(), pool.float(), pool.float())  # fp32 model
+    q32 = torch.zeros(2, 9, 32, dtype=torch.bfloat16)
+    assert not kernel.takes(q32, torch.zeros_like(q32), pool[..., :32], pool[..., :32])  # head dim 32
+    q27 = torch.zeros(2, 27, 64, dtype=torch.bfloat16)
+    assert not kernel.takes(q27, torch.zeros_like(q27), pool, pool)  # 9 query heads per KV head
+    wide = torch.zeros(2, 9, 128, dtype=torch.bfloat16)[..., :64]
+    assert not kernel.takes(wide, torch.zeros_like(q), pool, pool)  # heads not dense
+    # a query taken from a fused qkv row (rows further apart than heads x dim) is fine
+    qkv = torch.zeros(2, 15 * 64, dtype=torch.bfloat16)
+    assert kernel.takes(qkv[:, : 9 * 64].view(2, 9, 64), torch.zeros_like(q), pool, pool)
+
+
+def test_decode_kernel_off_or_unbuildable_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.ENV, "sdpa")
+    assert native.load.__wrapped__() == "turned off (INFERENCE_CPU_ATTENTION_KERNEL=false)"
+    monkeypatch.setenv(native.ENV, "native")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if native.CPU_FEATURES[-1] not in native._cpu_flags():
+        assert native.load.__wrapped__().startswith(("the CPU lacks", "needs x86-64"))
+        return
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    reason = native.load.__wrapped__()
+    assert isinstance(reason, str) and reason.startswith("build failed: false failed"), reason
+    assert list((tmp_path / "agent-runtime" / "kernels").iterdir()) == []  # no partial library left behind
+
+
+@pytest.mark.engine
+async def test_the_cpu_engine_attends_decode_steps_with_the_kernel(backend):
+    # Read back from the scheduler process: the kernel was built and loaded there, and it ran the
+    # attention of a request this test makes (30 layers x 7 decode steps, or more).
+    if backend.info.device != "cpu":
+        pytest.skip("the decode attention kernel is for CPU engines")
+    if native.CPU_FEATURES[-1] not in native._cpu_flags():
+        assert backend.info.extra["cpu_attention_kernel"].startswith("sdpa (")
+        pytest.skip("this CPU has no AVX-512 BF16")
+    from runtime.backends.embedded import _plugin_report
+
+    assert backend.info.extra["cpu_attention_kernel"] == "native"
+    tm = backend._engine.tokenizer_manager
+    before = (await _plugin_report(tm))["cpu_attention_kernel"]["calls"]
+    ids = backend.tokenizer.encode("Count from one to ten:", add_special_tokens=False)
+    await backend._engine.async_generate(input_ids=ids, sampling_params={"temperature": 0.0, "max_new_tokens": 8,
+                                                                         "ignore_eos": True})
+    after = (await _plugin_report(tm))["cpu_attention_kernel"]
+    assert after["runs"] and after["calls"] >= before + 7 * 30

@@ -101,8 +101,16 @@ async def _plugin_report(tm: Any) -> dict[str, Any]:
     except Exception as exc:  # informational only
         log.debug("no internal state from the scheduler: %s", exc)
         return {}
-    keys = (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY, sglang_plugin.DECODE_KEY)
+    keys = (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY, sglang_plugin.DECODE_KEY, sglang_plugin.KERNEL_KEY)
     return next(({k: s[k] for k in keys if k in s} for s in states if sglang_plugin.STATE_KEY in s), {})
+
+
+def _attention_kernel(state: Any) -> str:
+    """How the engine attends decode steps on CPU: "native" (runtime.sglang_adapter.native) or
+    "sdpa" with the reason the kernel does not run."""
+    if not isinstance(state, dict):
+        return "sdpa"
+    return "native" if state.get("runs") else f"sdpa ({state.get('reason') or 'unavailable'})"
 
 
 def _decode_loop(state: Any) -> str:
@@ -162,6 +170,7 @@ class EmbeddedBackend(TokenBackend):
             os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
             os.environ[sglang_plugin.LINEAR_ENV] = "packed" if self._cfg.cpu_packed_linears else "sglang"
             os.environ[sglang_plugin.DECODE_ENV] = "lean" if self._cfg.cpu_lean_decode else "sglang"
+            os.environ[sglang_plugin.KERNEL_ENV] = "native" if self._cfg.cpu_attention_kernel else "sdpa"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()
@@ -193,7 +202,8 @@ class EmbeddedBackend(TokenBackend):
             radix_cache=self._cfg.radix_cache,
             extra={"sgl_kernel": env["sgl_kernel"], "model_path": self.model_path, "attention_class": attention_class,
                    "packed_linear_layers": int(report.get(sglang_plugin.PACKED_KEY, 0)),
-                   "cpu_decode": _decode_loop(report.get(sglang_plugin.DECODE_KEY))},
+                   "cpu_decode": _decode_loop(report.get(sglang_plugin.DECODE_KEY)),
+                   "cpu_attention_kernel": _attention_kernel(report.get(sglang_plugin.KERNEL_KEY))},
         )
         self._ready = True
         self._dead_reason = None

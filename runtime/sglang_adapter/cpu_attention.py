@@ -25,6 +25,12 @@ contiguous run, else gathered once for the group, not once per request) and one 
 against each request's own tokens (padded, masked), and merges the two by their log-sum-exp.
 Requests that share no prefix long enough (MIN_SHARED_PREFIX) are decoded one by one as before.
 
+Where the compiled kernel is available (runtime.sglang_adapter.native: AVX-512 BF16, a C compiler;
+bf16 model, head dim 64 or 128), a decode step's attention is one call per layer for the whole
+batch instead: the same grouping, as lists of slots (each shared prefix once, attended by all its
+requests; each request's own tokens), read from the pool in place. It is 5-10x faster than the
+SDPA calls on the benchmark's shapes and closer to a float64 reference (docs/BENCHMARKS.md).
+
 Anything else (sliding windows, cross-attention, encoder-only layers, encoder lengths) goes to
 SGLang's implementation unchanged. The backend is installed by runtime.sglang_adapter.plugin in the
 engine's own processes.
@@ -38,6 +44,8 @@ from typing import Any
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+from runtime.sglang_adapter import native
 
 # Queries per SDPA call in one extend: bounds the mask and any fallback score matrix
 # (group x QUERY_BLOCK rows x context columns) for long prompts.
@@ -78,6 +86,7 @@ class DecodePlan:
     key: tuple[int, int]  # ids of (req_pool_indices, seq_lens) it was made for
     groups: list[_Group]
     singles: list[tuple[int, slice | torch.Tensor]]  # (batch index, its slots): decoded alone
+    lists: native.Lists | None = None  # the same, as the compiled kernel takes it (groups, singles empty)
 
 
 def _take(cache: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
@@ -104,24 +113,20 @@ def _run(slots: torch.Tensor) -> slice | torch.Tensor:
 
 
 def decode_plan(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                dtype: torch.dtype) -> DecodePlan:
-    """Group a decode batch by the KV slots its requests share from the start (see module doc)."""
+                dtype: torch.dtype, *, lists: bool = False) -> DecodePlan:
+    """Group a decode batch by the KV slots its requests share from the start (see module doc);
+    `lists`: as the compiled kernel's lists."""
     rows = [req_to_token[p, :t] for p, t in zip(req_pool_indices.tolist(), seq_lens.tolist(), strict=True)]
-    # Clusters of requests whose slots agree on at least MIN_SHARED_PREFIX leading tokens with the
-    # cluster's first request. (Agents' prompts often share a short header too, the template's
-    # system preamble: grouping by the first slot alone would put every request in one group
-    # whose common part is that header.) [first request, members, tokens all members share]
-    clusters: list[tuple[torch.Tensor, list[int], int]] = []
-    for i, row in enumerate(rows):
-        for c, (base, members, shared) in enumerate(clusters):
-            n = min(base.numel(), row.numel()) - 1  # each request keeps at least its newest token
-            same = row[:n] == base[:n]
-            lcp = n if bool(same.all()) else int(same.to(torch.int8).argmin())
-            if lcp >= MIN_SHARED_PREFIX:
-                clusters[c] = (base, [*members, i], min(shared, lcp))
-                break
-        else:
-            clusters.append((row, [i], row.numel() - 1))
+    clusters = _clusters(rows)
+    key = (id(req_pool_indices), id(seq_lens))
+    if lists:
+        parts: list[tuple[torch.Tensor, list[int]]] = []
+        for base, members, shared in clusters:
+            if len(members) < 2:
+                parts += [(rows[i], [i]) for i in members]
+            else:
+                parts += [(base[:shared], members), *((rows[i][shared:], [i]) for i in members)]
+        return DecodePlan(key, [], [], native.Lists.build(parts))
     groups: list[_Group] = []
     singles: list[tuple[int, slice | torch.Tensor]] = []
     for base, members, shared in clusters:
@@ -135,7 +140,27 @@ def decode_plan(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
         for r, o in enumerate(own):
             mask[r, 0, 0, o.numel():] = float("-inf")
         groups.append(_Group(torch.tensor(members), _run(base[:shared]), own_slots, mask))
-    return DecodePlan((id(req_pool_indices), id(seq_lens)), groups, singles)
+    return DecodePlan(key, groups, singles)
+
+
+def _clusters(rows: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int], int]]:
+    """[(first request's slots, members, tokens all members share)] for a batch's slot rows."""
+    # Clusters of requests whose slots agree on at least MIN_SHARED_PREFIX leading tokens with the
+    # cluster's first request. (Agents' prompts often share a short header too, the template's
+    # system preamble: grouping by the first slot alone would put every request in one group
+    # whose common part is that header.)
+    clusters: list[tuple[torch.Tensor, list[int], int]] = []
+    for i, row in enumerate(rows):
+        for c, (base, members, shared) in enumerate(clusters):
+            n = min(base.numel(), row.numel()) - 1  # each request keeps at least its newest token
+            same = row[:n] == base[:n]
+            lcp = n if bool(same.all()) else int(same.to(torch.int8).argmin())
+            if lcp >= MIN_SHARED_PREFIX:
+                clusters[c] = (base, [*members, i], min(shared, lcp))
+                break
+        else:
+            clusters.append((row, [i], row.numel() - 1))
+    return clusters
 
 
 class PrefixSDPABackend(TorchNativeAttnBackend):
@@ -216,9 +241,14 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
                 scaling=scaling, enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
                 sliding_window_size=sliding_window_size)
         kv_heads = k_cache.shape[1]
+        kernel = native.load()
+        use_kernel = not isinstance(kernel, str) and kernel.takes(query, output, k_cache, v_cache)
         plan = self._plan
-        if plan is None or plan.key != (id(req_pool_indices), id(seq_lens)):
-            plan = self._plan = decode_plan(req_to_token, req_pool_indices, seq_lens, query.dtype)
+        if plan is None or plan.key != (id(req_pool_indices), id(seq_lens)) or (plan.lists is not None) != use_kernel:
+            plan = self._plan = decode_plan(req_to_token, req_pool_indices, seq_lens, query.dtype, lists=use_kernel)
+        if plan.lists is not None and not isinstance(kernel, str):
+            return kernel.attend(query, output, k_cache, v_cache, plan.lists,
+                                 scaling if scaling is not None else query.shape[-1] ** -0.5)
         for group in plan.groups:
             output[group.members] = _attend_group(query[group.members], k_cache, v_cache, group, scaling).to(output.dtype)
         for i, tokens in plan.singles:

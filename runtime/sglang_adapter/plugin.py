@@ -14,9 +14,13 @@ so this is how code reaches the engine's own processes. On a CPU engine
   (runtime.sglang_adapter.cpu_decode) where the two above are both on, unless
   AGENT_RUNTIME_CPU_DECODE=sglang (runtime.backends.embedded sets that for
   INFERENCE_CPU_LEAN_DECODE=false);
+- has that backend attend decode steps with the compiled kernel of runtime.sglang_adapter.native
+  where it can be built, unless AGENT_RUNTIME_CPU_ATTENTION_KERNEL=sdpa (runtime.backends.embedded
+  sets that for INFERENCE_CPU_ATTENTION_KERNEL=false);
 - adds `attention_backend_class` (the class the scheduler's model runner really holds) and
   `packed_linear_layers` (how many of its layers run packed weights) and `cpu_decode` (decode
-  steps run by the loop, or why the model keeps SGLang's forward) to the scheduler's internal
+  steps run by the loop, or why the model keeps SGLang's forward) and `cpu_attention_kernel`
+  (whether decode attention runs the kernel, else why not, and its calls) to the scheduler's internal
   state, which runtime.backends.embedded reads back at start and reports.
 
 Elsewhere (CUDA engines, other SGLang users of this environment) it does nothing.
@@ -38,6 +42,8 @@ PACKED_KEY = "packed_linear_layers"
 DECODE_ENV = "AGENT_RUNTIME_CPU_DECODE"  # "lean" (default) or "sglang"
 DECODE_TARGET = "sglang.srt.models.llama.LlamaModel.forward"
 DECODE_KEY = "cpu_decode"
+KERNEL_KEY = "cpu_attention_kernel"
+KERNEL_ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa": runtime.sglang_adapter.native.ENV
 
 
 def cpu_engine() -> bool:
@@ -70,6 +76,10 @@ def _report_state(result: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
             from runtime.sglang_adapter import cpu_decode
 
             result.internal_state[DECODE_KEY] = cpu_decode.report(runner.model)
+        if active():
+            from runtime.sglang_adapter import native
+
+            result.internal_state[KERNEL_KEY] = native.report()
     except Exception:  # a report, never a failure of the scheduler's own call
         pass
     return result
@@ -85,6 +95,9 @@ def load() -> None:
         from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
 
         HookRegistry.register(BACKEND_TARGET, PrefixSDPABackend, HookType.REPLACE)
+        from runtime.sglang_adapter import native
+
+        native.load()  # built (once per machine) and loaded now, not in the first decode step
     if linear_active():
         from runtime.sglang_adapter import cpu_linear
 

@@ -1,0 +1,182 @@
+"""The compiled decode-attention kernel (decode_attention.c): built on first use, loaded by ctypes.
+
+A CPU decode step's attention reads every request's K and V once per layer. PyTorch's SDPA
+needs them gathered out of the paged pool into dense tensors first (own parts padded to the
+longest), and its CPU flash kernel packs them again for a GEMM; measured on the benchmark's
+shapes it moved K/V at 5-9 GB/s. decode_attention.c reads the pool's rows where they are, once,
+and attends all query heads of a KV head together (see its header; docs/BENCHMARKS.md).
+
+It is compiled from the source next to this file by the system C compiler (`cc`, or $CC) with
+`-O3 -march=native -fopenmp` into $XDG_CACHE_HOME/agent-runtime/kernels (~/.cache/...), keyed by
+the source, the compiler, the flags and the CPU's feature flags, so a second start loads it at
+once. OpenMP: the library links libgomp by its soname, so in a process that has imported torch
+it shares torch's own OpenMP runtime and thread pool.
+
+It needs an x86-64 CPU with AVX-512 BF16 (bf16 dot products); without one, without a compiler,
+or when INFERENCE_CPU_ATTENTION_KERNEL=false (AGENT_RUNTIME_CPU_ATTENTION_KERNEL=sdpa here),
+`load()` says why and the backend keeps PyTorch's SDPA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("runtime.sglang_adapter.native")
+
+ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa"
+SOURCE = Path(__file__).resolve().with_name("decode_attention.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names
+ABI_VERSION = 1
+BUILD_TIMEOUT_S = 300
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@dataclass(frozen=True)
+class Lists:
+    """One decode step's batch as the kernel takes it: list l attends the query rows
+    rows[row_start[l]:row_start[l+1]] (batch indices) to the KV slots slots[key_start[l]:key_start[l+1]]."""
+
+    slots: torch.Tensor  # int32
+    key_start: torch.Tensor  # int64 [L + 1]
+    rows: torch.Tensor  # int32
+    row_start: torch.Tensor  # int64 [L + 1]
+
+    @classmethod
+    def build(cls, lists: list[tuple[torch.Tensor, list[int]]]) -> Lists:
+        """From [(slots, batch rows)], in order."""
+        keys = torch.tensor([0] + [s.numel() for s, _ in lists], dtype=torch.int64).cumsum(0)
+        rows = torch.tensor([0] + [len(r) for _, r in lists], dtype=torch.int64).cumsum(0)
+        return cls(torch.cat([s.reshape(-1) for s, _ in lists]).to(torch.int32), keys,
+                   torch.tensor([r for _, rs in lists for r in rs], dtype=torch.int32), rows)
+
+
+class Kernel:
+    """The loaded library."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        if lib.agent_rt_abi_version() != ABI_VERSION:
+            raise OSError(f"{path.name}: ABI version {lib.agent_rt_abi_version()}, expected {ABI_VERSION}")
+        self._supports = lib.agent_rt_supports
+        self._supports.argtypes, self._supports.restype = [_I, _I], ctypes.c_int
+        self._attend = lib.agent_rt_decode_attention
+        self._attend.argtypes = [_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I]
+        self._attend.restype = ctypes.c_int
+        self.calls = 0
+
+    def takes(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+        """Whether these tensors are what the kernel computes on: bf16 throughout, [rows, heads, D]
+        with dense heads, a [slots, kv_heads, D] pool shared by K and V in layout, D of 64 or 128,
+        up to 8 query heads per KV head."""
+        if not (q.dtype == out.dtype == k_cache.dtype == v_cache.dtype == torch.bfloat16):
+            return False
+        if q.dim() != 3 or out.dim() != 3 or k_cache.dim() != 3 or q.device.type != "cpu":
+            return False
+        rows, heads, dim = q.shape
+        kv_heads = k_cache.shape[1]
+        return (out.shape == q.shape and k_cache.shape == v_cache.shape and k_cache.shape[2] == dim
+                and heads % kv_heads == 0 and bool(self._supports(heads // kv_heads, dim))
+                and q.stride()[1:] == (dim, 1) and out.stride()[1:] == (dim, 1)
+                and k_cache.stride() == v_cache.stride() and k_cache.stride()[1:] == (dim, 1))
+
+    def attend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               lists: Lists, scale: float) -> torch.Tensor:
+        """out[r] = softmax attention of q[r] over the union of the lists holding row r (see takes())."""
+        rows, heads, dim = q.shape
+        kv_heads = k_cache.shape[1]
+        rc = self._attend(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+                          lists.slots.data_ptr(), lists.key_start.data_ptr(), lists.rows.data_ptr(),
+                          lists.row_start.data_ptr(), lists.key_start.numel() - 1, rows, kv_heads,
+                          heads // kv_heads, dim, scale, out.data_ptr(), out.stride(0))
+        if rc != 0:
+            raise MemoryError("decode attention kernel: out of memory")
+        self.calls += 1
+        return out
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "agent-runtime" / "kernels"
+
+
+def _build(compiler: str, flags: set[str]) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, *sorted(flags)]).encode()).hexdigest()
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "agent-runtime-kernels"):
+        target = folder / f"decode_attention-{key[:16]}.so"
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+        except OSError:
+            continue
+        try:
+            log.info("building the decode attention kernel (%s, once for this machine)", compiler)
+            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                  timeout=BUILD_TIMEOUT_S)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"{compiler} failed: {last}")
+            os.replace(tmp, target)  # atomic: concurrent builders each write a whole file
+            return target
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"no writable folder for the kernel (tried {_cache_dir()})")
+
+
+@functools.cache
+def load() -> Kernel | str:
+    """The kernel, or why this process attends with SDPA instead (built once per machine)."""
+    if os.environ.get(ENV, "native") == "sdpa":
+        return "turned off (INFERENCE_CPU_ATTENTION_KERNEL=false)"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs x86-64 (this is {platform.machine()})"
+    flags = _cpu_flags()
+    missing = [f for f in CPU_FEATURES if f not in flags]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return "no C compiler (cc) to build it"
+    try:
+        return Kernel(_build(compiler, flags))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("decode attention kernel unavailable: %s", exc)
+        return f"build failed: {exc}"
+
+
+def report() -> dict[str, object]:
+    """For the scheduler's internal state: whether decode attention runs the kernel, and its calls."""
+    kernel = load()
+    if isinstance(kernel, str):
+        return {"runs": False, "reason": kernel, "calls": 0}
+    return {"runs": True, "reason": "", "calls": kernel.calls}
