@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import plugin_report_around_request
 from runtime.sglang_adapter import prepare
 
 prepare("cpu")
@@ -327,13 +328,6 @@ async def test_the_cpu_engine_attends_decode_steps_with_the_kernel(backend):
     if native.CPU_FEATURES[-1] not in native._cpu_flags():
         assert backend.info.extra["cpu_attention_kernel"].startswith("sdpa (")
         pytest.skip("this CPU has no AVX-512 BF16")
-    from runtime.backends.embedded import _plugin_report
-
     assert backend.info.extra["cpu_attention_kernel"] == "native"
-    tm = backend._engine.tokenizer_manager
-    before = (await _plugin_report(tm))["cpu_attention_kernel"]["calls"]
-    ids = backend.tokenizer.encode("Count from one to ten:", add_special_tokens=False)
-    await backend._engine.async_generate(input_ids=ids, sampling_params={"temperature": 0.0, "max_new_tokens": 8,
-                                                                         "ignore_eos": True})
-    after = (await _plugin_report(tm))["cpu_attention_kernel"]
-    assert after["runs"] and after["calls"] >= before + 7 * 30
+    before, after = await plugin_report_around_request(backend, "cpu_attention_kernel", new_tokens=8)
+    assert after["runs"] and after["calls"] >= before["calls"] + 7 * 30

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import plugin_report_around_request
 from runtime.sglang_adapter import prepare
 
 prepare("cpu")
@@ -122,13 +123,6 @@ async def test_the_cpu_engine_decodes_with_the_loop(backend):
     # decode steps of a request this test makes.
     if backend.info.device != "cpu":
         pytest.skip("the decode loop is for CPU engines")
-    from runtime.backends.embedded import _plugin_report
-
     assert backend.info.extra["cpu_decode"] == "lean"
-    tm = backend._engine.tokenizer_manager
-    before = (await _plugin_report(tm))["cpu_decode"]["steps"]
-    ids = backend.tokenizer.encode("Count from one to ten:", add_special_tokens=False)
-    await backend._engine.async_generate(input_ids=ids, sampling_params={"temperature": 0.0, "max_new_tokens": 8,
-                                                                         "ignore_eos": True})
-    after = (await _plugin_report(tm))["cpu_decode"]
-    assert after["steps"] >= before + 7 and after["verified"] == 0
+    before, after = await plugin_report_around_request(backend, "cpu_decode", new_tokens=8)
+    assert after["steps"] >= before["steps"] + 7 and after["verified"] == 0
