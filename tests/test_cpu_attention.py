@@ -305,7 +305,7 @@ def test_decode_kernel_takes_only_what_it_computes():
     assert kernel.takes(qkv[:, : 9 * 64].view(2, 9, 64), torch.zeros_like(q), pool, pool)
 
 
-def test_decode_kernel_off_or_unbuildable_says_why(monkeypatch, tmp_path):
+def test_decode_kernel_turned_off_unbuildable_or_built_by_a_wrapped_cc(monkeypatch, tmp_path):
     monkeypatch.setenv(native.ENV, "sdpa")
     assert native.load.__wrapped__() == "turned off (INFERENCE_CPU_ATTENTION_KERNEL=false)"
     monkeypatch.setenv(native.ENV, "native")
@@ -317,6 +317,11 @@ def test_decode_kernel_off_or_unbuildable_says_why(monkeypatch, tmp_path):
     reason = native.load.__wrapped__()
     assert isinstance(reason, str) and reason.startswith("build failed: false failed"), reason
     assert list((tmp_path / "agent-runtime" / "kernels").iterdir()) == []  # no partial library left behind
+    # $CC with a wrapper and options is split like a shell would: this one builds
+    monkeypatch.setenv("CC", f"env LC_ALL=C {native.shutil.which('cc') or 'gcc'} -DAGENT_RT_TEST=1")
+    built = native.load.__wrapped__()
+    assert not isinstance(built, str), built
+    assert built.path.parent == tmp_path / "agent-runtime" / "kernels" and built.path.exists()
 
 
 @pytest.mark.engine

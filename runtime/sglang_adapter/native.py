@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -126,7 +127,8 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str, flags: set[str]) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    cc = shlex.split(compiler)  # $CC may carry a wrapper or options ("ccache gcc")
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, *sorted(flags)]).encode()).hexdigest()
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "agent-runtime-kernels"):
         target = folder / f"decode_attention-{key[:16]}.so"
@@ -140,7 +142,7 @@ def _build(compiler: str, flags: set[str]) -> Path:
             continue
         try:
             log.info("building the decode attention kernel (%s, once for this machine)", compiler)
-            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
                                   timeout=BUILD_TIMEOUT_S)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
