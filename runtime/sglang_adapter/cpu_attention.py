@@ -28,7 +28,7 @@ Requests that share no prefix long enough (MIN_SHARED_PREFIX) are decoded one by
 Where the compiled kernel is available (runtime.sglang_adapter.native: AVX-512 BF16, a C compiler;
 bf16 model, head dim 64 or 128), a decode step's attention is one call per layer for the whole
 batch instead: the same grouping, as lists of slots (each shared prefix once, attended by all its
-requests; each request's own tokens), read from the pool in place. It is 5-10x faster than the
+requests; each request's own tokens), read from the pool in place. It is 3-10x faster than the
 SDPA calls on the benchmark's shapes and closer to a float64 reference (docs/BENCHMARKS.md).
 
 Anything else (sliding windows, cross-attention, encoder-only layers, encoder lengths) goes to
