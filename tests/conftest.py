@@ -49,8 +49,31 @@ async def backend(cfg):
 
     b = EmbeddedBackend(cfg)
     await b.start()
+    _STARTED_ENGINES.append(b)
     yield b
+    _STARTED_ENGINES.remove(b)
     await b.stop()
+
+
+_STARTED_ENGINES: list = []  # the session's real engine, once a test has started it
+LEFT_RUNNING_GRACE_S = 10
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _no_request_outlives_its_test(request):
+    """After each test, the shared real engine runs no request of it: a request a test (or the
+    runtime under test, for a client that went away) left behind would decode on into the next
+    tests. A request still finishing its abort gets LEFT_RUNNING_GRACE_S."""
+    yield
+    for b in _STARTED_ENGINES:
+        left = 0
+        for _ in range(LEFT_RUNNING_GRACE_S * 10):
+            left = await b.engine_requests() or 0
+            if not left:
+                break
+            await asyncio.sleep(0.1)
+        if left:
+            pytest.fail(f"{left} engine request(s) still running or waiting {LEFT_RUNNING_GRACE_S} s after {request.node.nodeid}")
 
 
 @pytest_asyncio.fixture(scope="session")
