@@ -105,20 +105,12 @@ async def _plugin_report(tm: Any) -> dict[str, Any]:
     return next(({k: s[k] for k in keys if k in s} for s in states if sglang_plugin.STATE_KEY in s), {})
 
 
-def _attention_kernel(state: Any) -> str:
-    """How the engine attends decode steps on CPU: "native" (runtime.sglang_adapter.native) or
-    "sdpa" with the reason the kernel does not run."""
+def _which_path(state: Any, used: str, fallback: str, why: str) -> str:
+    """How the engine runs one of the plugin's CPU paths, from its report {"runs", "reason"}:
+    `used`, or `fallback` with the reason it does not run (`why` when the report gives none)."""
     if not isinstance(state, dict):
-        return "sdpa"
-    return "native" if state.get("runs") else f"sdpa ({state.get('reason') or 'unavailable'})"
-
-
-def _decode_loop(state: Any) -> str:
-    """How the engine runs decode steps on CPU: "lean" (runtime.sglang_adapter.cpu_decode) or
-    "sglang" with the reason the loop does not apply."""
-    if not isinstance(state, dict):
-        return "sglang"
-    return "lean" if state.get("runs") else f"sglang ({state.get('reason') or 'not eligible'})"
+        return fallback
+    return used if state.get("runs") else f"{fallback} ({state.get('reason') or why})"
 
 
 class EmbeddedBackend(TokenBackend):
@@ -202,8 +194,11 @@ class EmbeddedBackend(TokenBackend):
             radix_cache=self._cfg.radix_cache,
             extra={"sgl_kernel": env["sgl_kernel"], "model_path": self.model_path, "attention_class": attention_class,
                    "packed_linear_layers": int(report.get(sglang_plugin.PACKED_KEY, 0)),
-                   "cpu_decode": _decode_loop(report.get(sglang_plugin.DECODE_KEY)),
-                   "cpu_attention_kernel": _attention_kernel(report.get(sglang_plugin.KERNEL_KEY))},
+                   # decode steps: runtime.sglang_adapter.cpu_decode's loop, or SGLang's forward
+                   "cpu_decode": _which_path(report.get(sglang_plugin.DECODE_KEY), "lean", "sglang", "not eligible"),
+                   # decode attention: runtime.sglang_adapter.native's kernel, or SDPA
+                   "cpu_attention_kernel": _which_path(report.get(sglang_plugin.KERNEL_KEY), "native", "sdpa",
+                                                       "unavailable")},
         )
         self._ready = True
         self._dead_reason = None
