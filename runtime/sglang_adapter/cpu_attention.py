@@ -168,6 +168,12 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
 
     _plan: DecodePlan | None = None  # this step's decode plan (init_forward_metadata clears it)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Built (once per machine) and loaded with the backend, in the scheduler that uses it: not
+        # in the first decode step, and not in SGLang's other processes, which also load plugins.
+        native.load()
+
     def _run_sdpa_forward_extend(
         self,
         query: torch.Tensor,

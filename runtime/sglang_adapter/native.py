@@ -34,9 +34,11 @@ from pathlib import Path
 
 import torch
 
+from runtime.sglang_adapter.plugin import KERNEL_ENV
+
 log = logging.getLogger("runtime.sglang_adapter.native")
 
-ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa"
+ENV = KERNEL_ENV  # "native" (default) or "sdpa"
 SOURCE = Path(__file__).resolve().with_name("decode_attention.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names

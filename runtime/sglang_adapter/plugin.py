@@ -43,7 +43,7 @@ DECODE_ENV = "AGENT_RUNTIME_CPU_DECODE"  # "lean" (default) or "sglang"
 DECODE_TARGET = "sglang.srt.models.llama.LlamaModel.forward"
 DECODE_KEY = "cpu_decode"
 KERNEL_KEY = "cpu_attention_kernel"
-KERNEL_ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa": runtime.sglang_adapter.native.ENV
+KERNEL_ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa": read by runtime.sglang_adapter.native
 
 
 def cpu_engine() -> bool:
@@ -95,9 +95,6 @@ def load() -> None:
         from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
 
         HookRegistry.register(BACKEND_TARGET, PrefixSDPABackend, HookType.REPLACE)
-        from runtime.sglang_adapter import native
-
-        native.load()  # built (once per machine) and loaded now, not in the first decode step
     if linear_active():
         from runtime.sglang_adapter import cpu_linear
 
