@@ -158,11 +158,13 @@ class EmbeddedBackend(TokenBackend):
         kwargs = engine_kwargs(self._cfg, self.model_path)
         attention = str(kwargs.get("attention_backend") or "sglang-default")
         if self._cfg.device == "cpu":
+            from runtime.sglang_adapter import native
+
             # Read by runtime.sglang_adapter.plugin in the engine's processes (they inherit the environment).
             os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
             os.environ[sglang_plugin.LINEAR_ENV] = "packed" if self._cfg.cpu_packed_linears else "sglang"
             os.environ[sglang_plugin.DECODE_ENV] = "lean" if self._cfg.cpu_lean_decode else "sglang"
-            os.environ[sglang_plugin.KERNEL_ENV] = "native" if self._cfg.cpu_attention_kernel else "sdpa"
+            os.environ[native.ENV] = "native" if self._cfg.cpu_attention_kernel else "sdpa"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()

@@ -34,11 +34,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.sglang_adapter.plugin import KERNEL_ENV
-
 log = logging.getLogger("runtime.sglang_adapter.native")
 
-ENV = KERNEL_ENV  # "native" (default) or "sdpa"
+ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa"; set by runtime.backends.embedded
 SOURCE = Path(__file__).resolve().with_name("decode_attention.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names

@@ -43,7 +43,6 @@ DECODE_ENV = "AGENT_RUNTIME_CPU_DECODE"  # "lean" (default) or "sglang"
 DECODE_TARGET = "sglang.srt.models.llama.LlamaModel.forward"
 DECODE_KEY = "cpu_decode"
 KERNEL_KEY = "cpu_attention_kernel"
-KERNEL_ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa": read by runtime.sglang_adapter.native
 
 
 def cpu_engine() -> bool:
