@@ -288,6 +288,91 @@ def test_decode_kernel_matches_sglang(contiguous, heads, kv_heads, dim):
     assert ((out_new.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all(), (out_new.double() - exact).abs().max()
 
 
+def _extend_batch(plan, heads, kv_heads, dim, seed, *, contexts=None):
+    """An extend step: plan is [(cached, new)] per request; contexts (optional) fixes each request's
+    context slots, so the same prompt can be sent with different cached lengths."""
+    g = torch.Generator().manual_seed(seed)
+    totals = [p + n for p, n in plan]
+    size = 64 + 2 * sum(totals)
+    if contexts is None:
+        free = torch.randperm(size - 1, generator=g) + 1
+        contexts, at = [], 0
+        for t in totals:
+            contexts.append(free[at : at + t])
+            at += t
+    k = torch.randn(size, kv_heads, dim, generator=g).to(torch.bfloat16)
+    v = torch.randn(size, kv_heads, dim, generator=g).to(torch.bfloat16)
+    r2t = torch.zeros(len(plan) + 2, max(totals) + 3, dtype=torch.int64)
+    pool_idx = torch.tensor([len(plan) + 1 - i for i in range(len(plan))])  # not 0..n-1 on purpose
+    for i, c in enumerate(contexts):
+        r2t[pool_idx[i], : c.numel()] = c
+    return k, v, r2t, pool_idx, torch.tensor(totals), torch.tensor([p for p, _ in plan]), torch.tensor([n for _, n in plan])
+
+
+def _extend_reference64(q, k, v, r2t, pool_idx, seq_lens, extend_lens, scale):
+    """Each new row's causal attention over its context, in float64."""
+    kv_heads, out, row = k.shape[1], torch.zeros(q.shape, dtype=torch.float64), 0
+    for p, total, new in zip(pool_idx.tolist(), seq_lens.tolist(), extend_lens.tolist(), strict=True):
+        slots = r2t[p, :total]
+        keys, values = k[slots].double().transpose(0, 1), v[slots].double().transpose(0, 1)  # [Hkv, T, D]
+        for x in range(new):
+            pos = total - new + x
+            qi = q[row].double().view(kv_heads, -1, q.shape[-1])
+            w = (torch.einsum("hgd,hnd->hgn", qi, keys[:, : pos + 1]) * scale).softmax(-1)
+            out[row] = torch.einsum("hgn,hnd->hgd", w, values[:, : pos + 1]).reshape(q.shape[1], -1)
+            row += 1
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (12, 2, 128), (10, 2, 64)])
+def test_extend_kernel_matches_sglang(heads, kv_heads, dim):
+    """Extends (prefills) run the compiled kernel for a bf16 model with head dim 64/128: a turn on a
+    cached prefix, a first prefill of several query tiles and key blocks, one-token extends, a
+    request with nothing new, contexts not a multiple of the kernel's blocks; as close to SGLang's
+    SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference."""
+    kernel = _kernel_or_skip()
+    plan = [(301, 77), (0, 130), (70, 1), (12, 0), (3, 33), (0, 1), (33, 2)]
+    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=31)
+    q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(32)).to(torch.bfloat16)
+    args = (k, v, r2t, pool_idx, seq_lens, prefix, extend)
+    ref, new = _backends()
+    calls = kernel.extend_calls
+    out_new = new._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=True, causal=True)
+    assert kernel.extend_calls == calls + 1
+    out_ref = ref._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=True, causal=True)
+    assert torch.allclose(out_new.float(), out_ref.float(), atol=2e-2, rtol=2e-2), (out_new.float() - out_ref.float()).abs().max()
+    # Against float64, as accurate as SDPA (both round the probabilities to bf16 for P V)
+    exact = _extend_reference64(q, k, v, r2t, pool_idx, seq_lens, extend, dim**-0.5)
+    err_new, err_ref = (out_new.double() - exact).abs(), (out_ref.double() - exact).abs()
+    assert err_new.mean() <= err_ref.mean() * 1.05 and err_new.max() <= err_ref.max() * 1.25, (err_new.max(), err_ref.max())
+
+
+def test_extend_kernel_rows_do_not_depend_on_what_was_cached_or_batched():
+    """A prompt's rows come out bit-identical whether it is prefilled whole, or extended after 3, 37
+    or 100 cached tokens, alone or with other requests in the step: each row's result depends only
+    on its query and the keys up to its position."""
+    kernel = _kernel_or_skip()
+    heads, kv_heads, dim, total = 9, 3, 64, 150
+    q_all = torch.randn(total, heads, dim, generator=torch.Generator().manual_seed(41)).to(torch.bfloat16)
+    context = torch.randperm(total, generator=torch.Generator().manual_seed(42)) + 1
+    k, v, *_ = _extend_batch([(0, total)], heads, kv_heads, dim, seed=43, contexts=[context])
+    _, new = _backends()
+    results = []
+    for cached, others in [(0, 0), (3, 0), (37, 0), (100, 0), (37, 2)]:
+        plan = [(cached, total - cached)] + [(20, 10)] * others
+        contexts = [context] + [torch.arange(200 + 30 * i, 230 + 30 * i) for i in range(others)]
+        _, _, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=44, contexts=contexts)
+        q = torch.cat([q_all[cached:], torch.zeros(10 * others, heads, dim, dtype=torch.bfloat16)])
+        new._extends = None
+        out = new._run_sdpa_forward_extend(q, torch.zeros_like(q), k, v, r2t, pool_idx, seq_lens, prefix, extend,
+                                           scaling=dim**-0.5, enable_gqa=True, causal=True)
+        results.append((cached, out[: total - cached]))
+    whole = results[0][1]
+    for cached, out in results[1:]:
+        assert torch.equal(out, whole[cached:]), cached
+    assert kernel.extend_calls >= 5
+
+
 def test_decode_kernel_takes_only_what_it_computes():
     kernel = _kernel_or_skip()
     q = torch.zeros(2, 9, 64, dtype=torch.bfloat16)
@@ -336,3 +421,4 @@ async def test_the_cpu_engine_attends_decode_steps_with_the_kernel(backend):
     assert backend.info.extra["cpu_attention_kernel"] == "native"
     before, after = await plugin_report_around_request(backend, "cpu_attention_kernel", new_tokens=8)
     assert after["runs"] and after["calls"] >= before["calls"] + 7 * 30
+    assert after["extend_calls"] >= before["extend_calls"] + 30  # its prefill, every layer

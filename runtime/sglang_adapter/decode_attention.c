@@ -1,4 +1,5 @@
-/* Decode attention over a paged bf16 KV pool for x86-64 CPUs with AVX-512 BF16.
+/* Decode and extend attention over a paged bf16 KV pool for x86-64 CPUs with AVX-512 BF16
+   (the extend kernel: see "Extend (prefill) attention" below).
 
    Built and loaded by runtime/sglang_adapter/native.py; called by cpu_attention.py once per layer
    for a whole decode batch. A step's batch is described as lists of KV slots, each attended by a
@@ -23,7 +24,7 @@
 #define CHUNK 256
 #define BLOCK 16
 
-int agent_rt_abi_version(void) { return 1; }
+int agent_rt_abi_version(void) { return 2; }
 
 /* e^x for x <= 0 (lanes below -87 give about 1e-38). Cody-Waite reduction, degree-6 polynomial:
    about 1 ulp. */
@@ -224,5 +225,209 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
     free(state);
     free(part);
     free(task);
+    return 0;
+}
+
+
+/* ---- Extend (prefill) attention ----------------------------------------------------------------
+
+   The new rows of each request of an extend batch, each attending its context's keys up to its own
+   position (causal). Per (request, KV head), K and V are first packed out of the pool into the
+   layouts VDPBF16PS takes as its second operand: K as [block of 32 keys][D/2 dim pairs][32 keys]
+   and V as [key pair][D] (each 32-bit lane two keys' bf16 values of one dim). Then each task takes
+   a tile of query rows (their G heads of one KV head: 48 query vectors, padded) and walks the key
+   blocks from position 0: S = Q K^T for the block (12 query vectors x 32 keys per register tile),
+   scaled and masked past each row's position, online softmax in fp32, probabilities rounded to
+   bf16 (as PyTorch's CPU flash attention does) and P V for the block added to the row's fp32
+   output. Blocks are aligned at absolute positions and a block a row cannot see leaves it exactly
+   as it was, so a row's result depends only on its query and the keys up to its position: not on
+   how much of the prompt was cached, nor on the rest of the batch. */
+
+#define KB 32  /* keys per block */
+#define QT 48  /* query vectors per task (padded) */
+
+/* Pack one KV head's K and V for keys slots[0..T) into kp ([ceil(T/32)][D/2][32] uint32) and
+   vp ([ceil(T/2)][D] uint32); keys past T are zeros. */
+static void pack_kv_block(const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h, int D,
+                          const int32_t *slots, int64_t T, int64_t b, uint32_t *kp, uint32_t *vp) {
+    const int DP = D / 2;
+    uint32_t *kb = kp + b * DP * KB;
+    for (int j = 0; j < KB; j++) {
+        int64_t t = b * KB + j;
+        if (t < T) {
+            const uint32_t *row = (const uint32_t *)(k_pool + (int64_t)slots[t] * slot_stride + h * D);
+            for (int p = 0; p < DP; p++) kb[p * KB + j] = row[p];
+        } else {
+            for (int p = 0; p < DP; p++) kb[p * KB + j] = 0;
+        }
+    }
+    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+    for (int j = 0; j < KB; j += 2) {
+        int64_t t = b * KB + j;
+        uint32_t *dst = vp + (t / 2) * D;
+        for (int d = 0; d < D; d += 32) {
+            __m512i a = t < T ? _mm512_loadu_si512(v_pool + (int64_t)slots[t] * slot_stride + h * D + d) : _mm512_setzero_si512();
+            __m512i c = t + 1 < T ? _mm512_loadu_si512(v_pool + (int64_t)slots[t + 1] * slot_stride + h * D + d) : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(a, lo_idx, c));        /* dims d..d+15 */
+            _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(a, hi_idx, c));   /* dims d+16..d+31 */
+        }
+    }
+}
+
+/* One task: query vectors qp[QT][D/2] (pairs), positions pos[QT] (-1: padding), over key blocks
+   0..nblocks of one packed head; writes o[QT][D] (fp32, normalized). */
+static inline __attribute__((always_inline)) void extend_tile(const uint32_t *qp, const int64_t *pos, const uint32_t *kp,
+                                                              const uint32_t *vp, int64_t nblocks, float scale, float *o,
+                                                              const int D) {
+    const int DP = D / 2, DV = D / 16, PT = D == 64 ? 6 : 3;
+    float m[QT], l[QT], s[QT][KB] __attribute__((aligned(64)));
+    uint32_t pp[QT][KB / 2] __attribute__((aligned(64)));
+    float alpha[QT];
+    int live[QT];
+    for (int i = 0; i < QT; i++) { m[i] = -INFINITY; l[i] = 0; }
+    memset(o, 0, sizeof(float) * QT * D);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t b = 0; b < nblocks; b++) {
+        const uint32_t *kb = kp + b * DP * KB;
+        /* S = Q K^T, 12 query vectors x 32 keys at a time */
+        for (int i0 = 0; i0 < QT; i0 += 12) {
+            __m512 acc[12][2];
+            for (int i = 0; i < 12; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+            for (int p = 0; p < DP; p++) {
+                __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + p * KB), k1 = (__m512bh)_mm512_loadu_si512(kb + p * KB + 16);
+                for (int i = 0; i < 12; i++) {
+                    __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qp[(i0 + i) * DP + p]);
+                    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], qb, k0);
+                    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], qb, k1);
+                }
+            }
+            for (int i = 0; i < 12; i++) {
+                _mm512_store_ps(s[i0 + i], _mm512_mul_ps(acc[i][0], vscale));
+                _mm512_store_ps(s[i0 + i] + 16, _mm512_mul_ps(acc[i][1], vscale));
+            }
+        }
+        /* mask past each row's position, online softmax, P as bf16 pairs */
+        for (int i = 0; i < QT; i++) {
+            int64_t seen = pos[i] - b * KB + 1;  /* keys of this block the row sees */
+            live[i] = seen > 0;
+            if (!live[i]) continue;
+            __mmask16 m0 = seen >= 16 ? 0xFFFF : (__mmask16)((1u << seen) - 1);
+            __mmask16 m1 = seen >= 32 ? 0xFFFF : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
+            __m512 s0 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m0, _mm512_load_ps(s[i]));
+            __m512 s1 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m1, _mm512_load_ps(s[i] + 16));
+            float bm = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+            float mn = bm > m[i] ? bm : m[i];
+            alpha[i] = expf(m[i] - mn);  /* 0 on the row's first block (m = -inf) */
+            m[i] = mn;
+            __m512 e0 = _mm512_maskz_mov_ps(m0, exp512(_mm512_sub_ps(s0, _mm512_set1_ps(mn))));
+            __m512 e1 = _mm512_maskz_mov_ps(m1, exp512(_mm512_sub_ps(s1, _mm512_set1_ps(mn))));
+            l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+            _mm512_store_si512(pp[i], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+        /* O = O * alpha + P V, PT query vectors x D dims at a time */
+        const uint32_t *vb = vp + b * (KB / 2) * D;
+        for (int i0 = 0; i0 < QT; i0 += PT) {
+            __m512 acc[6][8];
+            for (int i = 0; i < PT; i++)
+                for (int c = 0; c < DV; c++) acc[i][c] = _mm512_setzero_ps();
+            for (int t = 0; t < KB / 2; t++) {
+                __m512bh v[8];
+                for (int c = 0; c < DV; c++) v[c] = (__m512bh)_mm512_loadu_si512(vb + t * D + c * 16);
+                for (int i = 0; i < PT; i++) {
+                    __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pp[i0 + i][t]);
+                    for (int c = 0; c < DV; c++) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], pb, v[c]);
+                }
+            }
+            for (int i = 0; i < PT; i++) {
+                if (!live[i0 + i]) continue;  /* a block the row cannot see leaves it as it was */
+                float *oi = o + (int64_t)(i0 + i) * D;
+                __m512 a = _mm512_set1_ps(alpha[i0 + i]);
+                for (int c = 0; c < DV; c++)
+                    _mm512_storeu_ps(oi + c * 16, _mm512_fmadd_ps(_mm512_loadu_ps(oi + c * 16), a, acc[i][c]));
+            }
+        }
+    }
+    for (int i = 0; i < QT; i++) {
+        float inv = l[i] > 0 ? 1.0f / l[i] : 0.0f;
+        for (int c = 0; c < DV; c++)
+            _mm512_storeu_ps(o + i * D + c * 16, _mm512_mul_ps(_mm512_loadu_ps(o + i * D + c * 16), _mm512_set1_ps(inv)));
+    }
+}
+
+/* q: bf16 [tokens, H * G, D] (row stride q_stride); k_pool, v_pool as for decode; R requests:
+   request r's keys are slots[slot_start[r] .. slot_start[r + 1]) (its whole context in order), of
+   which the last n_new[r] are its new rows, at query rows q_row[r] ..; out like q. Returns 0, or -1
+   when out of memory (nothing written). */
+int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_pool, const uint16_t *v_pool,
+                              int64_t slot_stride, const int32_t *slots, const int64_t *slot_start, const int64_t *n_new,
+                              const int64_t *q_row, int64_t R, int64_t H, int64_t G, int64_t D, float scale,
+                              uint16_t *out, int64_t out_stride) {
+    const int64_t RT = QT / G > 0 ? QT / G : 1;  /* query rows per task */
+    int64_t blocks = 0, tiles = 0;
+    int64_t *pack_at = malloc(sizeof(int64_t) * (R + 1));
+    if (!pack_at) return -1;
+    for (int64_t r = 0; r < R; r++) {
+        int64_t T = slot_start[r + 1] - slot_start[r];
+        pack_at[r] = blocks;
+        blocks += (T + KB - 1) / KB;
+        tiles += (n_new[r] + RT - 1) / RT;
+    }
+    pack_at[R] = blocks;
+    /* per (block, head): K [D/2][32] and V [16][D], uint32 */
+    uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)(blocks * H * 2 * KB / 2 * D + 1));
+    int64_t *task = malloc(sizeof(int64_t) * (2 * tiles * H + 2 * blocks + 1));
+    if (!packed || !task) { free(packed); free(task); free(pack_at); return -1; }
+    const int64_t per_head = blocks * (KB / 2) * D;  /* uint32 per head of K (and of V) */
+    /* pack tasks: (request, block) */
+    int64_t np = 0;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t b = 0; b < pack_at[r + 1] - pack_at[r]; b++, np++) { task[2 * np] = r; task[2 * np + 1] = b; }
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t i = 0; i < np; i++) {
+        int64_t r = task[2 * i], b = task[2 * i + 1];
+        for (int64_t h = 0; h < H; h++)
+            pack_kv_block(k_pool, v_pool, slot_stride, h, (int)D, slots + slot_start[r], slot_start[r + 1] - slot_start[r],
+                          b, packed + h * 2 * per_head + pack_at[r] * (KB / 2) * D,
+                          packed + h * 2 * per_head + per_head + pack_at[r] * (KB / 2) * D);
+    }
+    /* attention tasks: (request, first row of its tile), longest first */
+    int64_t nt = 0;
+    for (int64_t r = R - 1; r >= 0; r--)
+        for (int64_t r0 = ((n_new[r] + RT - 1) / RT - 1) * RT; r0 >= 0; r0 -= RT, nt++) { task[2 * nt] = r; task[2 * nt + 1] = r0; }
+#pragma omp parallel for schedule(dynamic, 1) collapse(2)
+    for (int64_t i = 0; i < nt; i++)
+        for (int64_t h = 0; h < H; h++) {
+            int64_t r = task[2 * i], r0 = task[2 * i + 1];
+            int64_t T = slot_start[r + 1] - slot_start[r], first = T - n_new[r];
+            int64_t rows = n_new[r] - r0 < RT ? n_new[r] - r0 : RT;
+            uint32_t qp[QT * 64] __attribute__((aligned(64)));
+            int64_t pos[QT];
+            float o[QT * 128] __attribute__((aligned(64)));
+            int DP = (int)D / 2;
+            memset(qp, 0, sizeof(uint32_t) * QT * DP);
+            for (int64_t x = 0; x < QT; x++) pos[x] = -1;
+            for (int64_t x = 0; x < rows; x++)
+                for (int64_t g = 0; g < G; g++) {
+                    memcpy(qp + (x * G + g) * DP, q + (q_row[r] + r0 + x) * q_stride + (h * G + g) * D, sizeof(uint16_t) * D);
+                    pos[x * G + g] = first + r0 + x;
+                }
+            int64_t nblocks = (first + r0 + rows - 1) / KB + 1;
+            const uint32_t *kp = packed + h * 2 * per_head + pack_at[r] * (KB / 2) * D;
+            const uint32_t *vp = kp + per_head;
+            if (D == 64) extend_tile(qp, pos, kp, vp, nblocks, scale, o, 64);
+            else extend_tile(qp, pos, kp, vp, nblocks, scale, o, 128);
+            for (int64_t x = 0; x < rows; x++)
+                for (int64_t g = 0; g < G; g++) {
+                    uint16_t *dst = out + (q_row[r] + r0 + x) * out_stride + (h * G + g) * D;
+                    const float *src = o + (x * G + g) * D;
+                    for (int64_t d = 0; d < D; d += 16)
+                        _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
+                }
+        }
+    free(packed);
+    free(task);
+    free(pack_at);
     return 0;
 }

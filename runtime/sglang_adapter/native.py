@@ -1,10 +1,14 @@
-"""The compiled decode-attention kernel (decode_attention.c): built on first use, loaded by ctypes.
+"""The compiled attention kernels (decode_attention.c: decode and extend steps): built on first use,
+loaded by ctypes.
 
 A CPU decode step's attention reads every request's K and V once per layer. PyTorch's SDPA
 needs them gathered out of the paged pool into dense tensors first (own parts padded to the
 longest), and its CPU flash kernel packs them again for a GEMM; measured on the benchmark's
 shapes it moved K/V at 5-9 GB/s. decode_attention.c reads the pool's rows where they are, once,
-and attends all query heads of a KV head together (see its header; docs/BENCHMARKS.md).
+and attends all query heads of a KV head together (see its header; docs/BENCHMARKS.md). Its extend
+kernel packs each request's K and V once per layer into the layouts of VDPBF16PS and computes the
+new rows in tiles of 48 query vectors against blocks of 32 keys (2-3x faster than SDPA's CPU flash
+attention on the benchmark's prefills).
 
 It is compiled from the source next to this file by the system C compiler (`cc`, or $CC) with
 `-O3 -march=native -fopenmp` into $XDG_CACHE_HOME/agent-runtime/kernels (~/.cache/...), keyed by
@@ -40,7 +44,7 @@ ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa"; set 
 SOURCE = Path(__file__).resolve().with_name("decode_attention.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names
-ABI_VERSION = 1
+ABI_VERSION = 2
 BUILD_TIMEOUT_S = 300
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -65,6 +69,34 @@ class Lists:
                    torch.tensor([r for _, rs in lists for r in rs], dtype=torch.int32), rows)
 
 
+@dataclass(frozen=True)
+class Extends:
+    """One extend step's requests as the kernel takes them: request r's context is the KV slots
+    slots[slot_start[r]:slot_start[r+1]] in order, its last n_new[r] positions are new, and their
+    queries are rows q_row[r]... of the step's query."""
+
+    slots: torch.Tensor  # int32
+    slot_start: torch.Tensor  # int64 [R + 1]
+    n_new: torch.Tensor  # int64 [R]
+    q_row: torch.Tensor  # int64 [R]
+
+    @classmethod
+    def build(cls, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+              extend_seq_lens: torch.Tensor) -> Extends:
+        contexts, news, starts, row = [], [], [], 0
+        for pool_idx, total, new in zip(req_pool_indices.tolist(), seq_lens.tolist(), extend_seq_lens.tolist(),
+                                        strict=True):
+            if new:
+                contexts.append(req_to_token[pool_idx, :total])
+                news.append(new)
+                starts.append(row)
+            row += new
+        lengths = torch.tensor([0] + [c.numel() for c in contexts], dtype=torch.int64)
+        slots = torch.cat(contexts).to(torch.int32) if contexts else torch.zeros(0, dtype=torch.int32)
+        return cls(slots, lengths.cumsum(0), torch.tensor(news, dtype=torch.int64),
+                   torch.tensor(starts, dtype=torch.int64))
+
+
 class Kernel:
     """The loaded library."""
 
@@ -78,7 +110,11 @@ class Kernel:
         self._attend = lib.agent_rt_decode_attention
         self._attend.argtypes = [_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I]
         self._attend.restype = ctypes.c_int
+        self._extend = lib.agent_rt_extend_attention
+        self._extend.argtypes = [_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _I]
+        self._extend.restype = ctypes.c_int
         self.calls = 0
+        self.extend_calls = 0
 
     def takes(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
         """Whether these tensors are what the kernel computes on: bf16 throughout, [rows, heads, D]
@@ -107,6 +143,21 @@ class Kernel:
         if rc != 0:
             raise MemoryError("decode attention kernel: out of memory")
         self.calls += 1
+        return out
+
+
+    def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               extends: Extends, scale: float) -> torch.Tensor:
+        """The new rows' causal attention over their contexts, into out (see takes())."""
+        heads, dim = q.shape[1], q.shape[2]
+        kv_heads = k_cache.shape[1]
+        rc = self._extend(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+                          extends.slots.data_ptr(), extends.slot_start.data_ptr(), extends.n_new.data_ptr(),
+                          extends.q_row.data_ptr(), extends.n_new.numel(), kv_heads, heads // kv_heads, dim, scale,
+                          out.data_ptr(), out.stride(0))
+        if rc != 0:
+            raise MemoryError("extend attention kernel: out of memory")
+        self.extend_calls += 1
         return out
 
 
@@ -180,5 +231,5 @@ def report() -> dict[str, object]:
     """For the scheduler's internal state: whether decode attention runs the kernel, and its calls."""
     kernel = load()
     if isinstance(kernel, str):
-        return {"runs": False, "reason": kernel, "calls": 0}
-    return {"runs": True, "reason": "", "calls": kernel.calls}
+        return {"runs": False, "reason": kernel, "calls": 0, "extend_calls": 0}
+    return {"runs": True, "reason": "", "calls": kernel.calls, "extend_calls": kernel.extend_calls}
