@@ -79,6 +79,7 @@ class Extends:
     slot_start: torch.Tensor  # int64 [R + 1]
     n_new: torch.Tensor  # int64 [R]
     q_row: torch.Tensor  # int64 [R]
+    rows: int  # query rows the step's requests hold
 
     @classmethod
     def build(cls, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
@@ -94,7 +95,7 @@ class Extends:
         lengths = torch.tensor([0] + [c.numel() for c in contexts], dtype=torch.int64)
         slots = torch.cat(contexts).to(torch.int32) if contexts else torch.zeros(0, dtype=torch.int32)
         return cls(slots, lengths.cumsum(0), torch.tensor(news, dtype=torch.int64),
-                   torch.tensor(starts, dtype=torch.int64))
+                   torch.tensor(starts, dtype=torch.int64), row)
 
 
 class Kernel:
@@ -145,12 +146,13 @@ class Kernel:
         self.calls += 1
         return out
 
-
     def extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                extends: Extends, scale: float) -> torch.Tensor:
         """The new rows' causal attention over their contexts, into out (see takes())."""
         heads, dim = q.shape[1], q.shape[2]
         kv_heads = k_cache.shape[1]
+        if extends.rows > q.shape[0] or out.shape[0] < q.shape[0]:  # the C code trusts these bounds
+            raise ValueError(f"extend attention: {extends.rows} new rows for a query of {q.shape[0]}")
         rc = self._extend(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
                           extends.slots.data_ptr(), extends.slot_start.data_ptr(), extends.n_new.data_ptr(),
                           extends.q_row.data_ptr(), extends.n_new.numel(), kv_heads, heads // kv_heads, dim, scale,
