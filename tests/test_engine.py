@@ -32,7 +32,7 @@ async def test_engine_info_reports_what_runs(backend):
 
 
 async def test_greedy_capital_of_france_and_prefix_cache(backend):
-    ids = chat_ids(backend.tokenizer, "What is the capital of France?")
+    ids = chat_ids(backend.tokenizer, "Name the capital of France.")  # a clear greedy margin: see test_server.FRANCE
     first = await run(backend, ids, max_new_tokens=24)
     assert "Paris" in first.text
     assert first.finish_reason == "stop" and first.prompt_tokens == len(ids)

@@ -24,7 +24,11 @@ import websockets
 
 from conftest import connect
 
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# "Name the capital of France." and not "What is the capital of France?": the default model's greedy
+# answer to the latter starts on a 0.1-nat margin between "The" and "L" (float32), which the
+# rounding of another CPU's GEMMs or a differently batched cached prefix can flip; this one's
+# every token leads by about a nat or more (bf16 and float32).
+FRANCE = [{"role": "user", "content": "Name the capital of France."}]
 STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight, with many chapters."}]
 # What the fake "writes" for STORY: far more than 400 tokens (one token per byte), slowly.
 LONG_STORY = " ".join(f"Chapter {i}: the dragon and the knight rode on through the night." for i in range(40))
