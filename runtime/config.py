@@ -151,6 +151,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cpu_packed_linears", _bool, "true", "On cpu, bf16 linear layers and the lm_head run on weights reordered once for oneDNN instead of F.linear reordering them every call (runtime/sglang_adapter/cpu_linear.py; 1.5-2x faster GEMMs at decode sizes, docs/BENCHMARKS.md). Ignored on cuda."),
     Setting("cpu_lean_decode", _bool, "true", "On cpu, decode steps of Llama-family models run a loop over the same weights and leaf computations without SGLang's per-layer machinery, with bit-identical results (runtime/sglang_adapter/cpu_decode.py, docs/BENCHMARKS.md). Needs INFERENCE_CPU_PACKED_LINEARS and the default attention; ignored on cuda."),
     Setting("cpu_attention_kernel", _bool, "true", "On cpu, attention runs compiled kernels that read K/V from the paged pool in place: decode steps attend each shared prefix once per step, extend steps (prefills) compute the new rows in tiles (runtime/sglang_adapter/decode_attention.c; 3-10x and 2-3x faster than SDPA on the model's shapes, docs/BENCHMARKS.md). Built on first use with the system C compiler into $XDG_CACHE_HOME/agent-runtime/kernels; needs AVX-512 BF16, a bf16 model and head dim 64 or 128, else SDPA as before. Needs the default attention; ignored on cuda."),
+    Setting("cpu_gemm_kernel", _bool, "true", "On cpu, with INFERENCE_CPU_PACKED_LINEARS, linear layers of up to 16 rows (decode steps) run a compiled small-M GEMM on Intel AMX over weights packed for it, each weight read once (runtime/sglang_adapter/small_gemm.c; 1.3-1.8x faster than oneDNN on the model's shapes, docs/BENCHMARKS.md); more rows (prefills) stay on oneDNN. Keeps a second copy of the weights (270 MB for the default model). Built with the attention kernels; needs AMX (amx_bf16), else oneDNN for all. Ignored on cuda."),
     Setting("jump_forward", _bool, "true", "Text the tool-call grammar forces at the start of a turn (the opening of a required or named call, up to what the model chooses) is appended to the prompt instead of decoded one token per step. Off: every output token is a decode step."),
     Setting("radix_cache", _bool, "true", "RadixAttention prefix cache. Turn off only to measure what it buys (the benchmark's no-radix mode)."),
     Setting("cuda_graph", _bool, "true", "Capture CUDA graphs for decode on cuda (ignored on cpu, where SGLang's CPU graph needs Intel AMX)."),
@@ -214,6 +215,7 @@ class Config:
     cpu_packed_linears: bool
     cpu_lean_decode: bool
     cpu_attention_kernel: bool
+    cpu_gemm_kernel: bool
     jump_forward: bool
     radix_cache: bool
     cuda_graph: bool

@@ -101,7 +101,8 @@ async def _plugin_report(tm: Any) -> dict[str, Any]:
     except Exception as exc:  # informational only
         log.debug("no internal state from the scheduler: %s", exc)
         return {}
-    keys = (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY, sglang_plugin.DECODE_KEY, sglang_plugin.KERNEL_KEY)
+    keys = (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY, sglang_plugin.DECODE_KEY, sglang_plugin.KERNEL_KEY,
+            sglang_plugin.GEMM_KEY)
     return next(({k: s[k] for k in keys if k in s} for s in states if sglang_plugin.STATE_KEY in s), {})
 
 
@@ -165,6 +166,7 @@ class EmbeddedBackend(TokenBackend):
             os.environ[sglang_plugin.LINEAR_ENV] = "packed" if self._cfg.cpu_packed_linears else "sglang"
             os.environ[sglang_plugin.DECODE_ENV] = "lean" if self._cfg.cpu_lean_decode else "sglang"
             os.environ[native.ENV] = "native" if self._cfg.cpu_attention_kernel else "sdpa"
+            os.environ[native.GEMM_ENV] = "native" if self._cfg.cpu_gemm_kernel else "onednn"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()
@@ -200,7 +202,10 @@ class EmbeddedBackend(TokenBackend):
                    "cpu_decode": _which_path(report.get(sglang_plugin.DECODE_KEY), "lean", "sglang", "not eligible"),
                    # decode attention: runtime.sglang_adapter.native's kernel, or SDPA
                    "cpu_attention_kernel": _which_path(report.get(sglang_plugin.KERNEL_KEY), "native", "sdpa",
-                                                       "unavailable")},
+                                                       "unavailable"),
+                   # decode steps' linear layers: native's small-M GEMM, or oneDNN
+                   "cpu_gemm_kernel": _which_path(report.get(sglang_plugin.GEMM_KEY), "native", "onednn",
+                                                  "unavailable")},
         )
         self._ready = True
         self._dead_reason = None

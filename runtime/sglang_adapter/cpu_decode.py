@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from sglang.srt.model_executor.forward_context import get_attn_backend
 
 from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
-from runtime.sglang_adapter.cpu_linear import PACKED
+from runtime.sglang_adapter.cpu_linear import PACKED, Packed
 from runtime.sglang_adapter.cpu_linear import matmul as _mm
 
 VERIFY_ENV = "AGENT_RUNTIME_CPU_DECODE_VERIFY"
@@ -54,10 +54,10 @@ STATS: dict[str, Any] = {"steps": 0, "verified": 0, "mismatches": 0}
 class _Layer:
     ln1: Any  # RMSNorm modules: their forward_native is called
     ln2: Any
-    qkv: torch.Tensor  # packed weights
-    o: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    qkv: Packed  # packed weights
+    o: Packed
+    gate_up: Packed
+    down: Packed
     q_size: int
     kv_size: int
     kv_heads: int
@@ -73,7 +73,7 @@ class _Plan:
     norm: Any
 
 
-def _packed(linear: Any) -> torch.Tensor | None:
+def _packed(linear: Any) -> Packed | None:
     if getattr(linear, "bias", None) is not None or hasattr(linear, "base_layer") or hasattr(linear, "set_lora"):
         return None
     if getattr(linear, "tp_size", 1) != 1:
@@ -126,7 +126,7 @@ def make_plan(model: Any) -> _Plan | str:
             return "attention layer"
         qkv, o, gate_up, down = (w for w in weights if w is not None)
         layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm, qkv, o, gate_up, down,
-                             attn.q_size, attn.kv_size, attn.num_kv_heads, attn.head_dim, gate_up.shape[0] // 2,
+                             attn.q_size, attn.kv_size, attn.num_kv_heads, attn.head_dim, gate_up.out_features // 2,
                              rot, radix))
     return _Plan(layers, model.norm)
 

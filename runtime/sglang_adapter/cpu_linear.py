@@ -22,37 +22,77 @@ The plugin (runtime.sglang_adapter.plugin) installs these hooks in a CPU engine'
 
 A layer whose weight is not a 2-D bf16 CPU tensor keeps SGLang's path. Where oneDNN is not
 available the hooks are not installed.
+
+Decode steps multiply only a few rows (one per request) by each weight, and then the cost is reading
+the weights: oneDNN read them at 10-13 GB/s on this project's CPU hosts, where a plain read reaches
+about 20. Where the compiled kernels of runtime.sglang_adapter.native load with Intel AMX (and
+unless INFERENCE_CPU_GEMM_KERNEL=false), each weight whose shape divides is also packed for
+small_gemm.c, which multiplies up to SMALL_ROWS rows at 17-22 GB/s; more rows (prefills) go to
+oneDNN. That is a second copy of the weights (270 MB for the default model). The kernel's sums
+can differ from oneDNN's in the last bf16 bit (on the model's shapes they were bit-identical);
+tests/test_cpu_linear.py holds both to the same bound against float64.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from runtime.sglang_adapter import native
+
 PACKED = "_agent_runtime_packed_weight"
+SMALL_ROWS = native.GEMM_MAX_ROWS  # at most this many rows go to the small-M kernel
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A weight [out, in] packed once: for oneDNN and, where the kernel runs, for small_gemm.c."""
+
+    onednn: torch.Tensor
+    blocks: torch.Tensor | None  # [out/16, in/2, 16, 2] bf16, or None: every call goes to oneDNN
+
+    @property
+    def out_features(self) -> int:
+        return int(self.onednn.shape[0])
 
 
 def available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """The weight reordered once for oneDNN, or None where it does not apply."""
+def pack_blocks(weight: torch.Tensor) -> torch.Tensor | None:
+    """W [out, in] bf16 as small_gemm.c reads it, [out/16, in/2, 16, 2] (each 64-byte line two
+    consecutive inputs of 16 outputs, 16 lines an AMX tile); None where the shape does not divide."""
+    out_features, in_features = weight.shape
+    if out_features % 16 or in_features % 32:
+        return None
+    return weight.view(out_features // 16, 16, in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def pack(weight: torch.Tensor) -> Packed | None:
+    """The weight packed once, or None where it does not apply."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.requires_grad:
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+    dense = weight.detach().contiguous()
+    blocks = None if isinstance(native.load_gemm(), str) else pack_blocks(dense)
+    return Packed(torch.ops.mkldnn._reorder_linear_weight(dense), blocks)
 
 
-def matmul(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """rows [n, in] (contiguous bf16) @ packed^T (+ bias) -> [n, out]: the one GEMM call, no checks."""
-    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+def matmul(rows: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [n, in] (contiguous bf16) @ W^T (+ bias) -> [n, out]: the one GEMM call, no checks."""
+    if packed.blocks is not None and rows.shape[0] <= SMALL_ROWS and (bias is None or bias.dtype == torch.bfloat16):
+        kernel = native.load_gemm()
+        if not isinstance(kernel, str):
+            return kernel.gemm(rows, packed.blocks, bias)
+    return torch.ops.mkldnn._linear_pointwise(rows, packed.onednn, bias, "none", [], "")
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ packed^T (+ bias) -> [..., out], computed in bf16 and returned in x's dtype."""
+def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias) -> [..., out], computed in bf16 and returned in x's dtype."""
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    return matmul(rows, packed, bias).view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+    return matmul(rows, packed, bias).view(*x.shape[:-1], packed.out_features).to(x.dtype)
 
 
 def after_weights_loaded(result: Any, method: Any, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

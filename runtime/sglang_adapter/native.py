@@ -1,5 +1,5 @@
-"""The compiled attention kernels (decode_attention.c: decode and extend steps): built on first use,
-loaded by ctypes.
+"""The compiled CPU kernels (decode_attention.c: attention of decode and extend steps; small_gemm.c:
+the linear layers of decode steps): built on first use into one library, loaded by ctypes.
 
 A CPU decode step's attention reads every request's K and V once per layer. PyTorch's SDPA
 needs them gathered out of the paged pool into dense tensors first (own parts padded to the
@@ -8,17 +8,20 @@ shapes it moved K/V at 5-9 GB/s. decode_attention.c reads the pool's rows where 
 and attends all query heads of a KV head together (see its header; docs/BENCHMARKS.md). Its extend
 kernel packs each request's K and V once per layer into the layouts of VDPBF16PS and computes the
 new rows in tiles of 48 query vectors against blocks of 32 keys (2-3x faster than SDPA's CPU flash
-attention on the benchmark's prefills).
+attention on the benchmark's prefills). small_gemm.c multiplies a decode step's few rows by weights
+packed for it (runtime.sglang_adapter.cpu_linear), reading each weight line once.
 
-It is compiled from the source next to this file by the system C compiler (`cc`, or $CC) with
+It is compiled from the sources next to this file by the system C compiler (`cc`, or $CC) with
 `-O3 -march=native -fopenmp` into $XDG_CACHE_HOME/agent-runtime/kernels (~/.cache/...), keyed by
 the source, the compiler, the flags and the CPU's feature flags, so a second start loads it at
 once. OpenMP: the library links libgomp by its soname, so in a process that has imported torch
 it shares torch's own OpenMP runtime and thread pool.
 
-It needs an x86-64 CPU with AVX-512 BF16 (bf16 dot products); without one, without a compiler,
-or when INFERENCE_CPU_ATTENTION_KERNEL=false (AGENT_RUNTIME_CPU_ATTENTION_KERNEL=sdpa here),
-`load()` says why and the backend keeps PyTorch's SDPA.
+It needs an x86-64 CPU with AVX-512 BF16 (bf16 dot products); without one or without a compiler,
+`load()` (attention) and `load_gemm()` (linear layers) say why, and the attention backend keeps
+PyTorch's SDPA, the linear layers oneDNN. INFERENCE_CPU_ATTENTION_KERNEL=false
+(AGENT_RUNTIME_CPU_ATTENTION_KERNEL=sdpa here) and INFERENCE_CPU_GEMM_KERNEL=false
+(AGENT_RUNTIME_CPU_GEMM_KERNEL=onednn) turn each use off.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ import torch
 log = logging.getLogger("runtime.sglang_adapter.native")
 
 ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa"; set by runtime.backends.embedded
-SOURCE = Path(__file__).resolve().with_name("decode_attention.c")
+GEMM_ENV = "AGENT_RUNTIME_CPU_GEMM_KERNEL"  # "native" (default) or "onednn"; set by runtime.backends.embedded
+SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("decode_attention.c", "small_gemm.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names
-ABI_VERSION = 2
+ABI_VERSION = 3
+GEMM_CPU_FEATURES = ("amx_tile", "amx_bf16")
+GEMM_MAX_ROWS = 16
 BUILD_TIMEOUT_S = 300
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -114,8 +120,14 @@ class Kernel:
         self._extend = lib.agent_rt_extend_attention
         self._extend.argtypes = [_P, _I, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P, _I]
         self._extend.restype = ctypes.c_int
+        self._gemm = lib.agent_rt_small_gemm
+        self._gemm.argtypes = [_P, _I, _I, _P, _I, _I, _P, _P, _I]
+        self._gemm.restype = ctypes.c_int
+        self._gemm_ready = lib.agent_rt_small_gemm_ready
+        self._gemm_ready.restype = ctypes.c_int
         self.calls = 0
         self.extend_calls = 0
+        self.gemm_calls = 0
 
     def takes(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
         """Whether these tensors are what the kernel computes on: bf16 throughout, [rows, heads, D]
@@ -162,6 +174,29 @@ class Kernel:
         self.extend_calls += 1
         return out
 
+    def gemm_ready(self) -> bool:
+        """Whether this process can run the small-M GEMM: the library was built for AMX and the OS
+        grants this process the tile state (asked once)."""
+        return bool(self._gemm_ready())
+
+    def gemm(self, rows: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """rows [m, k] (bf16, 1 <= m <= GEMM_MAX_ROWS, inputs dense) @ W^T (+ bias) -> new [m, n] bf16,
+        W packed as cpu_linear.pack_blocks does: blocks [n/16, k/2, 16, 2] bf16, k a multiple of 32."""
+        m, k = rows.shape
+        n = blocks.shape[0] * 16
+        if (rows.dtype != torch.bfloat16 or rows.stride(1) != 1 or not 1 <= m <= GEMM_MAX_ROWS
+                or blocks.dtype != torch.bfloat16 or not blocks.is_contiguous()
+                or tuple(blocks.shape[1:]) != (k // 2, 16, 2) or k % 32
+                or (bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (n,) or not bias.is_contiguous()))):
+            raise ValueError(f"small GEMM: rows {tuple(rows.shape)} {rows.dtype} against blocks {tuple(blocks.shape)}")
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        rc = self._gemm(rows.data_ptr(), m, rows.stride(0), blocks.data_ptr(), n, k,
+                        None if bias is None else bias.data_ptr(), out.data_ptr(), n)
+        if rc != 0:
+            raise ValueError(f"small GEMM: shape refused ({m} x {k} by {n})")
+        self.gemm_calls += 1
+        return out
+
 
 def _cpu_flags() -> set[str]:
     try:
@@ -182,9 +217,10 @@ def _cache_dir() -> Path:
 def _build(compiler: str, flags: set[str]) -> Path:
     cc = shlex.split(compiler)  # $CC may carry a wrapper or options ("ccache gcc")
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, *sorted(flags)]).encode()).hexdigest()
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, *FLAGS, *sorted(flags)]).encode()).hexdigest()
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "agent-runtime-kernels"):
-        target = folder / f"decode_attention-{key[:16]}.so"
+        target = folder / f"kernels-{key[:16]}.so"
         if target.exists():
             return target
         try:
@@ -194,8 +230,8 @@ def _build(compiler: str, flags: set[str]) -> Path:
         except OSError:
             continue
         try:
-            log.info("building the decode attention kernel (%s, once for this machine)", compiler)
-            done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            log.info("building the CPU kernels (%s, once for this machine)", compiler)
+            done = subprocess.run([*cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
                                   timeout=BUILD_TIMEOUT_S)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -210,9 +246,30 @@ def _build(compiler: str, flags: set[str]) -> Path:
 
 @functools.cache
 def load() -> Kernel | str:
-    """The kernel, or why this process attends with SDPA instead (built once per machine)."""
+    """The kernels for attention, or why this process attends with SDPA instead (built once per machine)."""
     if os.environ.get(ENV, "native") == "sdpa":
         return "turned off (INFERENCE_CPU_ATTENTION_KERNEL=false)"
+    return _library()
+
+
+@functools.cache
+def load_gemm() -> Kernel | str:
+    """The kernels for decode steps' linear layers, or why this process keeps oneDNN for them."""
+    if os.environ.get(GEMM_ENV, "native") == "onednn":
+        return "turned off (INFERENCE_CPU_GEMM_KERNEL=false)"
+    missing = [f for f in GEMM_CPU_FEATURES if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)} (Intel AMX)"
+    kernel = _library()
+    if not isinstance(kernel, str) and not kernel.gemm_ready():
+        return "the OS does not grant this process AMX tiles, or the library was built without them"
+    return kernel
+
+
+_OPENED: dict[Path, Kernel] = {}  # one Kernel (and its call counts) per library file
+
+
+def _library() -> Kernel | str:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"needs x86-64 (this is {platform.machine()})"
     flags = _cpu_flags()
@@ -223,9 +280,12 @@ def load() -> Kernel | str:
     if not compiler:
         return "no C compiler (cc) to build it"
     try:
-        return Kernel(_build(compiler, flags))
+        path = _build(compiler, flags)
+        if path not in _OPENED:
+            _OPENED[path] = Kernel(path)
+        return _OPENED[path]
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("decode attention kernel unavailable: %s", exc)
+        log.warning("CPU kernels unavailable: %s", exc)
         return f"build failed: {exc}"
 
 
@@ -235,3 +295,11 @@ def report() -> dict[str, object]:
     if isinstance(kernel, str):
         return {"runs": False, "reason": kernel, "calls": 0, "extend_calls": 0}
     return {"runs": True, "reason": "", "calls": kernel.calls, "extend_calls": kernel.extend_calls}
+
+
+def gemm_report() -> dict[str, object]:
+    """For the scheduler's internal state: whether decode steps' linear layers run the kernel, and its calls."""
+    kernel = load_gemm()
+    if isinstance(kernel, str):
+        return {"runs": False, "reason": kernel, "calls": 0}
+    return {"runs": True, "reason": "", "calls": kernel.gemm_calls}

@@ -17,11 +17,13 @@ so this is how code reaches the engine's own processes. On a CPU engine
 - has that backend attend decode steps with the compiled kernel of runtime.sglang_adapter.native
   where it can be built, unless AGENT_RUNTIME_CPU_ATTENTION_KERNEL=sdpa (runtime.backends.embedded
   sets that for INFERENCE_CPU_ATTENTION_KERNEL=false);
+- has the packed linear layers multiply up to 16 rows (decode steps) with that library's small-M
+  GEMM, unless AGENT_RUNTIME_CPU_GEMM_KERNEL=onednn (INFERENCE_CPU_GEMM_KERNEL=false);
 - adds `attention_backend_class` (the class the scheduler's model runner really holds) and
   `packed_linear_layers` (how many of its layers run packed weights) and `cpu_decode` (decode
   steps run by the loop, or why the model keeps SGLang's forward) and `cpu_attention_kernel`
-  (whether decode attention runs the kernel, else why not, and its calls) to the scheduler's internal
-  state, which runtime.backends.embedded reads back at start and reports.
+  (whether decode attention runs the kernel, else why not, and its calls) and `cpu_gemm_kernel`
+  (the same for the small-M GEMM) to the scheduler's internal state, which runtime.backends.embedded reads back at start and reports.
 
 Elsewhere (CUDA engines, other SGLang users of this environment) it does nothing.
 """
@@ -43,6 +45,7 @@ DECODE_ENV = "AGENT_RUNTIME_CPU_DECODE"  # "lean" (default) or "sglang"
 DECODE_TARGET = "sglang.srt.models.llama.LlamaModel.forward"
 DECODE_KEY = "cpu_decode"
 KERNEL_KEY = "cpu_attention_kernel"
+GEMM_KEY = "cpu_gemm_kernel"
 
 
 def cpu_engine() -> bool:
@@ -75,10 +78,12 @@ def _report_state(result: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
             from runtime.sglang_adapter import cpu_decode
 
             result.internal_state[DECODE_KEY] = cpu_decode.report(runner.model)
-        if active():
-            from runtime.sglang_adapter import native
+        from runtime.sglang_adapter import native
 
+        if active():
             result.internal_state[KERNEL_KEY] = native.report()
+        if linear_active():
+            result.internal_state[GEMM_KEY] = native.gemm_report()
     except Exception:  # a report, never a failure of the scheduler's own call
         pass
     return result

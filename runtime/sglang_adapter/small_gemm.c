@@ -1,0 +1,113 @@
+/* Small-M bf16 GEMM on Intel AMX: the linear layers of a CPU decode step.
+
+   A decode step multiplies a few rows (one per request in the batch) by each weight of the model:
+   the cost is reading the weights, 270 MB per step for the default model. oneDNN's packed GEMMs
+   read them at about 12-13 GB/s at 1-16 rows on this project's CPU hosts; this kernel at 20-22,
+   about what a plain 2-thread read of memory reaches there (docs/BENCHMARKS.md, "sixth round"):
+
+   - the weight W [N, K] is packed once (runtime/sglang_adapter/cpu_linear.py) as blocks of 16
+     output columns, [N/16][K/2][16][2] bf16: 16 consecutive k pairs of a block are one 1 KB tile,
+     the second operand of TDPBF16PS;
+   - a task takes two blocks (32 columns) and all rows (up to 16): per chunk of 32 k, one tile of
+     the rows' inputs, two weight tiles, two products into fp32 accumulator tiles; the accumulators
+     then go through memory for the bias (bf16, added in fp32) and the rounding to bf16 (round to
+     nearest even);
+   - the tasks, in column order, are split evenly between the OpenMP threads, so each thread
+     streams one contiguous part of the packed weight, once.
+
+   Built only where the compiler targets AMX (-march=native on such a CPU); used only where the
+   kernel also grants this process the tile state (arch_prctl), else agent_rt_small_gemm_ready()
+   says 0 and the caller keeps oneDNN. */
+
+#include <stdint.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_GET_XCOMP_PERM 0x1022
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int tiles_granted(void) {
+    static int state = -1; /* -1: not asked yet */
+    if (state < 0) {
+        unsigned long bits = 0;
+        state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 &&
+                syscall(SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &bits) == 0 && (bits & (1ul << XFEATURE_XTILEDATA));
+    }
+    return state;
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+int agent_rt_small_gemm_ready(void) { return tiles_granted(); }
+
+/* c[i, j] = sum_k a[i, k] w[j, k] (+ bias[j]) for i < m, j < n. a: bf16 rows lda apart; p: w packed
+   as above ([n/16][k/2][16][2]); bias: bf16 [n] or NULL; c: bf16 rows ldc apart. 1 <= m <= 16, n a
+   multiple of 16, k of 32 (else returns 1, nothing written); 0 when done. */
+int agent_rt_small_gemm(const uint16_t *a, int64_t m, int64_t lda, const uint16_t *p, int64_t n, int64_t k,
+                        const uint16_t *bias, uint16_t *c, int64_t ldc) {
+    if (m < 1 || m > 16 || n % 16 || k % 32 || !tiles_granted()) return 1;
+    const int64_t k2 = k / 2, blocks = n / 16, tasks = (blocks + 1) / 2;
+#pragma omp parallel
+    {
+        /* tiles 0, 1: accumulators (m x 16 fp32); 2: inputs (m x 32 bf16); 3, 4: weights (16 x 32 bf16) */
+        struct tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 5; t++) {
+            cfg.rows[t] = t < 3 ? (uint8_t)m : 16;
+            cfg.colsb[t] = 64;
+        }
+        _tile_loadconfig(&cfg);
+        float acc[2][16 * 16] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            const int nb = 2 * t + 1 < blocks ? 2 : 1;
+            const uint16_t *p0 = p + 2 * t * k2 * 32, *p1 = p0 + k2 * 32;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t kc = 0; kc < k2; kc += 16) {
+                _tile_loadd(2, a + 2 * kc, lda * 2);
+                _tile_loadd(3, p0 + kc * 32, 64);
+                _tile_dpbf16ps(0, 2, 3);
+                if (nb == 2) {
+                    _tile_loadd(4, p1 + kc * 32, 64);
+                    _tile_dpbf16ps(1, 2, 4);
+                }
+            }
+            _tile_stored(0, acc[0], 64);
+            if (nb == 2) _tile_stored(1, acc[1], 64);
+            for (int b = 0; b < nb; b++) {
+                __m512 bv = _mm512_setzero_ps();
+                if (bias)
+                    bv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + 32 * t + b * 16))), 16));
+                for (int64_t i = 0; i < m; i++)
+                    _mm256_storeu_si256((__m256i *)(c + i * ldc + 32 * t + b * 16),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(acc[b] + i * 16), bv)));
+            }
+        }
+        _tile_release();
+    }
+    return 0;
+}
+
+#else /* no AMX in this build */
+
+int agent_rt_small_gemm_ready(void) { return 0; }
+
+int agent_rt_small_gemm(const uint16_t *a, int64_t m, int64_t lda, const uint16_t *p, int64_t n, int64_t k,
+                        const uint16_t *bias, uint16_t *c, int64_t ldc) {
+    (void)a, (void)m, (void)lda, (void)p, (void)n, (void)k, (void)bias, (void)c, (void)ldc;
+    return 1;
+}
+
+#endif
