@@ -61,6 +61,16 @@ class LlamaCppError(RuntimeError):
     start); the message says what and where to look."""
 
 
+class StartupCrash(LlamaCppError):
+    """llama-server was killed by a signal before it was ready (a crash, not a refusal)."""
+
+
+# Started again once with these when llama-server crashes at startup: this version's repacked
+# weights (on Intel AMX hosts, the AMX buffer type) crashed with SIGSEGV while loading the Q4_1 model
+# on a Xeon host with AMX (docs/BENCHMARKS.md, "The llamacpp mode").
+CRASH_RETRY_ARGS = ("--no-repack",)
+
+
 def install_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """Where this version is built: `override`, else $BENCH_LLAMACPP_DIR, else the per-user cache."""
     chosen = override or os.environ.get(DIR_ENV)
@@ -210,9 +220,10 @@ def server_env(bin_dir: Path) -> dict[str, str]:
     return dict(os.environ, LD_LIBRARY_PATH=f"{bin_dir}:{old}" if old else str(bin_dir))
 
 
-def server_command(bin_dir: Path, model: Path, *, slots: int, ctx_per_slot: int, threads: int) -> list[str]:
+def server_command(bin_dir: Path, model: Path, *, slots: int, ctx_per_slot: int, threads: int,
+                   extra: tuple[str, ...] = ()) -> list[str]:
     return [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", "0",
-            "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), "--no-webui"]
+            "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), "--no-webui", *extra]
 
 
 _LISTENING = re.compile(r"listening on (http://[\w.\-]+:\d+)")
@@ -238,7 +249,8 @@ async def llama_server(cmd: list[str], env: dict[str, str], *, timeout_s: float 
             async with httpx.AsyncClient(timeout=5) as client:
                 while True:
                     if proc.poll() is not None:
-                        raise LlamaCppError(f"llama-server exited during startup (exit code {proc.returncode}):\n{tail()}")
+                        error = StartupCrash if proc.returncode < 0 else LlamaCppError
+                        raise error(f"llama-server exited during startup (exit code {proc.returncode}):\n{tail()}")
                     if time.monotonic() > deadline:
                         raise LlamaCppError(f"llama-server was not ready after {timeout_s:.0f} s:\n{tail()}")
                     if url is None and (m := _LISTENING.search(log_path.read_text(errors="replace"))):
@@ -424,16 +436,28 @@ async def run_mode(reference_records: list[TurnRecord], *, model: Path | None, s
         bin_dir = await asyncio.to_thread(ensure_built, install_dir(root), say=say)
         timings["llamacpp_build_s"] = time.perf_counter() - t0
         ctx = context_per_slot(reference)
-        cmd = server_command(bin_dir, model, slots=slots, ctx_per_slot=ctx, threads=os.cpu_count() or 1)
-        say(f"llamacpp: starting llama-server (-np {slots}, -c {slots * ctx}, -t {os.cpu_count() or 1}) ...")
-        t0 = time.perf_counter()
-        async with llama_server(cmd, server_env(bin_dir)) as (url, pid):
-            timings["llamacpp_server_start_s"] = time.perf_counter() - t0
-            # One unmeasured request (a prompt no measured turn starts with: the first one's end, reversed).
-            async with httpx.AsyncClient(timeout=600) as client:
-                await complete(client, url, list(reversed(reference[0]["prompt_ids"][-32:])), 2, 0)
-            with MemorySampler(pid) as mem:
-                records, wall = await replay(url, reference, slots=slots, on_turn=progress.turn)
+        extra: tuple[str, ...] = ()
+        while True:
+            cmd = server_command(bin_dir, model, slots=slots, ctx_per_slot=ctx, threads=os.cpu_count() or 1, extra=extra)
+            say(f"llamacpp: starting llama-server (-np {slots}, -c {slots * ctx}, -t {os.cpu_count() or 1}"
+                f"{''.join(' ' + a for a in extra)}) ...")
+            t0 = time.perf_counter()
+            try:
+                async with llama_server(cmd, server_env(bin_dir)) as (url, pid):
+                    timings["llamacpp_server_start_s"] = time.perf_counter() - t0
+                    # One unmeasured request (a prompt no measured turn starts with: the first one's end, reversed).
+                    async with httpx.AsyncClient(timeout=600) as client:
+                        await complete(client, url, list(reversed(reference[0]["prompt_ids"][-32:])), 2, 0)
+                    with MemorySampler(pid) as mem:
+                        records, wall = await replay(url, reference, slots=slots, on_turn=progress.turn)
+                break
+            except StartupCrash as exc:
+                if extra:
+                    raise
+                first_line = str(exc).splitlines()[0]
+                say(f"llamacpp: {first_line}; starting it again with {' '.join(CRASH_RETRY_ARGS)}")
+                extra = CRASH_RETRY_ARGS
+                timings["llamacpp_crashed_start_s"] = time.perf_counter() - t0
     except (LlamaCppError, httpx.HTTPError, OSError) as exc:  # this mode cannot run: the others still count
         reason = str(exc) if isinstance(exc, LlamaCppError) else f"{type(exc).__name__}: {exc}"
         say(f"llamacpp: {reason}")
@@ -441,5 +465,9 @@ async def run_mode(reference_records: list[TurnRecord], *, model: Path | None, s
         for _ in records:
             progress.turn()
         return records, {"wall_s": wall, "peak_rss_bytes": None, "extra": {"error": reason}, "timings": timings}
-    return records, {"wall_s": wall, "peak_rss_bytes": mem.peak, "timings": timings,
-                     "extra": {"slots": slots, "ctx_per_slot": ctx, "threads": os.cpu_count() or 1, "server_version": VERSION}}
+    info: dict[str, Any] = {"slots": slots, "ctx_per_slot": ctx, "threads": os.cpu_count() or 1, "server_version": VERSION,
+                            "server_args": list(extra)}
+    if extra:
+        info["note"] = (f"llama-server crashed at startup with its defaults (killed by a signal); it ran with "
+                        f"{' '.join(extra)}")
+    return records, {"wall_s": wall, "peak_rss_bytes": mem.peak, "timings": timings, "extra": info}

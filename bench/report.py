@@ -75,6 +75,8 @@ def markdown(results: dict[str, Any]) -> str:
     for name, m in _modes(results):
         if m.get("error"):  # a mode that could not run at all (llamacpp: no toolchain, a failed build)
             lines += ["", f"{name} did not run: {m['error']}"]
+        elif m.get("note"):  # how it ran differently from its defaults (llamacpp: restarted with other options)
+            lines += ["", f"{name}: {m['note']}."]
     out_tokens = {name: m["output_tokens"] for name, m in _modes(results)}
     lines += ["", f"Output tokens written per mode: {out_tokens}."]
     forced = {name: m["forced_tokens"] for name, m in _modes(results) if "forced_tokens" in m}

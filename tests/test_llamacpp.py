@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -90,6 +91,9 @@ def fake_server_main(args: list[str]) -> int:
         f.write(json.dumps({"argv": args, "ld_library_path": os.environ.get("LD_LIBRARY_PATH", "")}) + "\n")
     if not Path(args[args.index("-m") + 1]).is_file() or args[args.index("--port") + 1] != "0":
         return 2
+    crash = os.environ.get("FAKE_LLAMA_CRASH")  # "repack": as the real one on an AMX host; "always"
+    if crash == "always" or (crash == "repack" and "--no-repack" not in args):
+        os.kill(os.getpid(), signal.SIGSEGV)
     sock = socket.socket()
     sock.bind((args[args.index("--host") + 1], 0))
     host, port = sock.getsockname()
@@ -261,6 +265,31 @@ async def test_a_server_that_cannot_start_fails_the_mode_with_its_output(tmp_pat
                                            progress=progress, root=root)
     assert len(records) == 5 and all(r.error and "exited during startup (exit code 2)" in r.error for r in records)
     assert "exited during startup" in out["extra"]["error"] and out["wall_s"] == 0.0
+
+
+async def test_a_server_that_crashes_at_startup_is_started_once_more_without_repacking(tmp_path, monkeypatch):
+    """llama-server killed by a signal before it is ready (this version does that with its AMX
+    weight buffers on an AMX host): started again with --no-repack, and the result says so; a
+    second crash fails the mode with the output."""
+    root = _install(tmp_path)
+    log = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_LOG", str(log))
+    monkeypatch.setenv("FAKE_LLAMA_CRASH", "repack")
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    reference = _reference(list(range(1, 41)))
+    records, out = await llamacpp.run_mode(reference, model=model, slots=2, progress=Progress(total=0, enabled=False),
+                                           root=root)
+    assert all(r.error is None for r in records if (r.session, r.turn) != (1, 3))  # (1, 3): refused by design
+    assert out["extra"]["server_args"] == ["--no-repack"] and "crashed at startup" in out["extra"]["note"]
+    starts = [e["argv"] for e in _log(log) if "argv" in e]
+    assert len(starts) == 2 and "--no-repack" not in starts[0] and starts[1][-1] == "--no-repack"
+
+    monkeypatch.setenv("FAKE_LLAMA_CRASH", "always")
+    records, out = await llamacpp.run_mode(reference, model=model, slots=2, progress=Progress(total=0, enabled=False),
+                                           root=root)
+    assert all(r.error and f"exit code -{int(signal.SIGSEGV)}" in r.error for r in records)
+    assert "note" not in out["extra"] and "exited during startup" in out["extra"]["error"]
 
 
 def _instance(schema: dict[str, Any]) -> Any:
