@@ -66,8 +66,8 @@ class StartupCrash(LlamaCppError):
 
 
 # Started again once with these when llama-server crashes at startup: this version's repacked
-# weights (on Intel AMX hosts, the AMX buffer type) crashed with SIGSEGV while loading the Q4_1 model
-# on a Xeon host with AMX (docs/BENCHMARKS.md, "The llamacpp mode").
+# weights (on Intel AMX hosts, the AMX buffer type) crashed with SIGSEGV or SIGILL right after loading
+# the Q4_1 model on a Xeon host with AMX (docs/BENCHMARKS.md, "The llamacpp mode").
 CRASH_RETRY_ARGS = ("--no-repack",)
 
 
@@ -454,7 +454,7 @@ async def run_mode(reference_records: list[TurnRecord], *, model: Path | None, s
             except StartupCrash as exc:
                 if extra:
                     raise
-                first_line = str(exc).splitlines()[0]
+                first_line = str(exc).splitlines()[0].rstrip(":")
                 say(f"llamacpp: {first_line}; starting it again with {' '.join(CRASH_RETRY_ARGS)}")
                 extra = CRASH_RETRY_ARGS
                 timings["llamacpp_crashed_start_s"] = time.perf_counter() - t0
