@@ -24,9 +24,10 @@ A layer whose weight is not a 2-D bf16 CPU tensor keeps SGLang's path. Where one
 available the hooks are not installed.
 
 Decode steps multiply only a few rows (one per request) by each weight, and then the cost is reading
-the weights: oneDNN read them at 10-13 GB/s on this project's CPU hosts, where a plain read reaches
-about 20. Where the compiled kernels of runtime.sglang_adapter.native load with Intel AMX (and
-unless INFERENCE_CPU_GEMM_KERNEL=false), each weight whose shape divides is also packed for
+the weights: on an Intel Xeon host with AMX (2 cores) oneDNN read them at 10-13 GB/s, where a plain
+read reaches about 20 (17-21 against 32 on an AMD EPYC without AMX, where nothing changes). Where
+the compiled kernels of runtime.sglang_adapter.native load with Intel AMX (and unless
+INFERENCE_CPU_GEMM_KERNEL=false), each weight whose shape divides is also packed for
 small_gemm.c, which multiplies up to SMALL_ROWS rows at 17-22 GB/s; more rows (prefills) go to
 oneDNN. That is a second copy of the weights (270 MB for the default model). The kernel's sums
 can differ from oneDNN's in the last bf16 bit (on the model's shapes they were bit-identical);

@@ -2,8 +2,9 @@
 
    A decode step multiplies a few rows (one per request in the batch) by each weight of the model:
    the cost is reading the weights, 270 MB per step for the default model. oneDNN's packed GEMMs
-   read them at about 12-13 GB/s at 1-16 rows on this project's CPU hosts; this kernel at 20-22,
-   about what a plain 2-thread read of memory reaches there (docs/BENCHMARKS.md, "sixth round"):
+   read them at about 10-13 GB/s at 1-16 rows on an Intel Xeon host with AMX (2 cores); this kernel
+   at 17-22, about what a plain 2-thread read of memory reaches there (docs/BENCHMARKS.md, "sixth
+   round"):
 
    - the weight W [N, K] is packed once (runtime/sglang_adapter/cpu_linear.py) as blocks of 16
      output columns, [N/16][K/2][16][2] bf16: 16 consecutive k pairs of a block are one 1 KB tile,
