@@ -23,7 +23,8 @@ so this is how code reaches the engine's own processes. On a CPU engine
   `packed_linear_layers` (how many of its layers run packed weights) and `cpu_decode` (decode
   steps run by the loop, or why the model keeps SGLang's forward) and `cpu_attention_kernel`
   (whether decode attention runs the kernel, else why not, and its calls) and `cpu_gemm_kernel`
-  (the same for the small-M GEMM) to the scheduler's internal state, which runtime.backends.embedded reads back at start and reports.
+  (the same for the small-M GEMM) to the scheduler's internal state, which
+  runtime.backends.embedded reads back at start and reports.
 
 Elsewhere (CUDA engines, other SGLang users of this environment) it does nothing.
 """
