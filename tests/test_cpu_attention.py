@@ -248,6 +248,19 @@ def _kernel_or_skip():
     return kernel
 
 
+@pytest.fixture(params=[False, True], ids=["fma", "amx"])
+def paths(request):
+    """The kernel with its attention on fp32 FMAs and VDPBF16PS, then on AMX tiles (where the CPU
+    has AMX and the OS grants the tiles; skipped elsewhere); the setting restored after."""
+    kernel = _kernel_or_skip()
+    before = kernel.attention_amx()
+    if kernel.attention_amx(request.param) != request.param:
+        kernel.attention_amx(before)
+        pytest.skip("attention on AMX tiles: this CPU has no AMX, or the OS does not grant the tiles")
+    yield kernel
+    kernel.attention_amx(before)
+
+
 def _reference64(q, k, v, r2t, pool_idx, seq_lens, scale):
     """Each request's attention over its whole context in float64."""
     kv_heads = k.shape[1]
@@ -263,21 +276,28 @@ def _reference64(q, k, v, r2t, pool_idx, seq_lens, scale):
 
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (12, 2, 128)])
-def test_decode_kernel_matches_sglang(contiguous, heads, kv_heads, dim):
+def test_decode_kernel_matches_sglang(contiguous, heads, kv_heads, dim, paths):
     """The compiled kernel (bf16 model, head dim 64/128) on the same batch as
     test_decode_shares_prefixes_and_matches_sglang, plus own parts longer than one of its chunks
-    (256 keys): as close to SGLang's SDPA as SDPA's own bf16 rounding allows, and within one bf16
-    rounding of a float64 reference."""
-    kernel = _kernel_or_skip()
+    (256 keys), on each of its paths: as close to SGLang's SDPA as SDPA's own bf16 rounding allows,
+    and within one bf16 rounding of a float64 reference."""
+    kernel = paths
     plan = [(0, 300, 7), (0, 300, 1), (1, 80, 600), (0, 300, 30), (2, 50, 5), (1, 80, 2), (3, 10, 3), (3, 10, 9),
             (4, 1, 0)]
     k, v, r2t, pool_idx, seq_lens = _shared_pool(plan, kv_heads, dim, torch.bfloat16, seed=17, contiguous=contiguous)
     q = torch.randn(len(plan), heads, dim, generator=torch.Generator().manual_seed(18)).to(torch.bfloat16)
-    ref, new = _backends()
     made = cpu_attention.decode_plan(r2t, pool_idx, seq_lens, torch.bfloat16, lists=True)
     assert made.lists is not None and made.groups == [] and made.singles == []
     # agents 0 and 1: a prefix list and an own list per member; requests 4, 6, 7, 8 alone
     assert made.lists.key_start.numel() - 1 == (1 + 3) + (1 + 2) + 4
+    _check_decode_kernel(kernel, q, k, v, r2t, pool_idx, seq_lens)
+
+
+def _check_decode_kernel(kernel, q, k, v, r2t, pool_idx, seq_lens):
+    """One call of the kernel for the batch: as close to SGLang's SDPA as SDPA's own bf16 rounding
+    allows, and within one bf16 rounding of a float64 reference."""
+    heads, dim, kv_heads = q.shape[1], q.shape[2], k.shape[1]
+    ref, new = _backends()
     args = (k, v, r2t, pool_idx, seq_lens)
     calls = kernel.calls
     out_new = new._run_sdpa_forward_decode(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=heads != kv_heads)
@@ -286,6 +306,23 @@ def test_decode_kernel_matches_sglang(contiguous, heads, kv_heads, dim):
     assert torch.allclose(out_new.float(), out_ref.float(), atol=2e-2, rtol=2e-2), (out_new.float() - out_ref.float()).abs().max()
     exact = _reference64(q, k, v, r2t, pool_idx, seq_lens, dim**-0.5)
     assert ((out_new.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all(), (out_new.double() - exact).abs().max()
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128)])
+def test_decode_kernel_many_rows_sharing_a_prefix(heads, kv_heads, dim, paths):
+    """Twelve requests of one agent and five of another, on each path: the AMX path takes up to 32
+    query vectors of a KV head at once (two tiles of 16; 9/3 heads: groups of 10 rows and 2, 8/1:
+    of 4), over a prefix that ends inside its second chunk of keys; within one bf16 rounding of a
+    float64 reference, and as close to SGLang's SDPA as the batch above."""
+    plan = [(0, 333, own) for own in (1, 2, 40, 3, 300, 7, 0, 9, 260, 5, 6, 11)]
+    plan += [(1, 64, own) for own in (17, 1, 2, 90, 4)]
+    k, v, r2t, pool_idx, seq_lens = _shared_pool(plan, kv_heads, dim, torch.bfloat16, seed=21, contiguous=False)
+    q = torch.randn(len(plan), heads, dim, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
+    made = cpu_attention.decode_plan(r2t, pool_idx, seq_lens, torch.bfloat16, lists=True)
+    assert made.lists is not None
+    members = (made.lists.row_start[1:] - made.lists.row_start[:-1]).tolist()
+    assert sorted(members)[-2:] == [5, 12], members  # the two prefixes, each attended by all its rows at once
+    _check_decode_kernel(paths, q, k, v, r2t, pool_idx, seq_lens)
 
 
 def _extend_batch(plan, heads, kv_heads, dim, seed, *, contexts=None):
@@ -325,12 +362,13 @@ def _extend_reference64(q, k, v, r2t, pool_idx, seq_lens, extend_lens, scale):
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (12, 2, 128), (10, 2, 64)])
-def test_extend_kernel_matches_sglang(heads, kv_heads, dim):
+def test_extend_kernel_matches_sglang(heads, kv_heads, dim, paths):
     """Extends (prefills) run the compiled kernel for a bf16 model with head dim 64/128: a turn on a
     cached prefix, a first prefill of several query tiles and key blocks, one-token extends, a
     request with nothing new, contexts not a multiple of the kernel's blocks; as close to SGLang's
-    SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference."""
-    kernel = _kernel_or_skip()
+    SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference; on each
+    path (VDPBF16PS, AMX tiles)."""
+    kernel = paths
     plan = [(301, 77), (0, 130), (70, 1), (12, 0), (3, 33), (0, 1), (33, 2)]
     k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=31)
     q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(32)).to(torch.bfloat16)
@@ -347,11 +385,11 @@ def test_extend_kernel_matches_sglang(heads, kv_heads, dim):
     assert err_new.mean() <= err_ref.mean() * 1.05 and err_new.max() <= err_ref.max() * 1.25, (err_new.max(), err_ref.max())
 
 
-def test_extend_kernel_rows_do_not_depend_on_what_was_cached_or_batched():
+def test_extend_kernel_rows_do_not_depend_on_what_was_cached_or_batched(paths):
     """A prompt's rows come out bit-identical whether it is prefilled whole, or extended after 3, 37
     or 100 cached tokens, alone or with other requests in the step: each row's result depends only
-    on its query and the keys up to its position."""
-    kernel = _kernel_or_skip()
+    on its query and the keys up to its position (on each path)."""
+    kernel = paths
     heads, kv_heads, dim, total = 9, 3, 64, 150
     q_all = torch.randn(total, heads, dim, generator=torch.Generator().manual_seed(41)).to(torch.bfloat16)
     context = torch.randperm(total, generator=torch.Generator().manual_seed(42)) + 1
@@ -422,3 +460,6 @@ async def test_the_cpu_engine_attends_decode_steps_with_the_kernel(backend):
     before, after = await plugin_report_around_request(backend, "cpu_attention_kernel", new_tokens=8)
     assert after["runs"] and after["calls"] >= before["calls"] + 7 * 30
     assert after["extend_calls"] >= before["extend_calls"] + 30  # its prefill, every layer
+    # where this host grants AMX tiles (as this process finds), the scheduler attends on them
+    here = native.load()
+    assert not isinstance(here, str) and after["amx"] == here.attention_amx()

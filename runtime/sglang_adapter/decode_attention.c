@@ -12,7 +12,13 @@
    query heads, the running max, the sum of exponentials and the weighted sum of V over its keys
    (online softmax over blocks of 16 keys), and the partials are merged per row at the end.
    q . k uses VDPBF16PS (bf16 products, fp32 sums), softmax and V sums are fp32, the output is
-   rounded to bf16 (round to nearest even). */
+   rounded to bf16 (round to nearest even).
+
+   Where the CPU has Intel AMX and the OS grants this process the tiles, lists attended by two rows
+   or more (shared prefixes) and every extend compute their products on AMX tiles instead (see
+   "on AMX tiles" below; agent_rt_attention_amx() turns that off for measurements). A list of one
+   row (a request's own tokens) keeps the path above: it reads each key once for 1 row, which is
+   what limits it, not the arithmetic. */
 
 #include <immintrin.h>
 #include <float.h>
@@ -24,7 +30,7 @@
 #define CHUNK 256
 #define BLOCK 16
 
-int agent_rt_abi_version(void) { return 3; }
+int agent_rt_abi_version(void) { return 4; }
 
 /* e^x for x <= 0 (lanes below -87 give about 1e-38). Cody-Waite reduction, degree-6 polynomial:
    about 1 ulp. */
@@ -63,6 +69,16 @@ static inline __m512 hsum16(const __m512 *v) {
 /* 16 bf16 -> 16 fp32 */
 static inline __m512 widen(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 32 dims of two keys' rows as 32 bf16 pairs: dst[d] = (a[d], c[d]) for d < 32 (the layout of a
+   dot product's second operand when keys are the reduced dimension) */
+static inline void interleave32(__m512i a, __m512i c, uint32_t *dst) {
+    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo_idx, c));       /* dims 0..15 */
+    _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(a, hi_idx, c));  /* dims 16..31 */
 }
 
 /* One query row's G heads of KV head h against keys slots[0..n): partial results into
@@ -156,6 +172,261 @@ static void attend_row_any(const uint16_t *q, const uint16_t *k_pool, const uint
     ROW_CASE(5, 128) ROW_CASE(6, 128) ROW_CASE(7, 128) ROW_CASE(8, 128)
 }
 
+/* ---- Decode attention on AMX tiles --------------------------------------------------------------
+
+   Where the CPU has AMX and the OS grants this process the tile state (the same test as
+   small_gemm.c's), a task of a list with two rows or more computes all query vectors of up to
+   32 / G of its rows for one KV head at once (one or two tiles of 16), over its chunk of keys, in
+   two passes instead of an online softmax:
+   - S = Q K^T per block of 16 keys on TDPBF16PS: Q is the rows' query vectors (zero-padded), K^T
+     is the 16 keys' rows transposed as dim pairs x keys (the tiles' second-operand layout), fp32
+     sums as VDPBF16PS makes them;
+   - each query vector's max, exponentials and sum over the chunk in fp32 (as attend_row);
+   - O = P V: V is interleaved as key pairs x D, and P, fp32, is split into two bf16 parts
+     (hi = bf16(p), lo = bf16(p - hi)) multiplied one after the other into the same fp32
+     accumulators, so the products carry about 16 bits of p, not bf16's 8: as accurate as
+     attend_row, which widens V and multiplies by p in fp32.
+   The partials (max, sum, unnormalized acc) are attend_row's and merge the same way. attend_row
+   spends about a dozen instructions per query vector and key, two of them VDPBF16PS (slow on some
+   hosts: docs/BENCHMARKS.md, "sixth round"); here the tile products cost almost nothing, the
+   transposes and the softmax are per key or per query vector and block, and a prefix attended by
+   8 rows costs about 1.5x one attended by 4 instead of 2x. */
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+int agent_rt_small_gemm_ready(void); /* small_gemm.c: the OS granted this process the tiles */
+static int use_amx = 1;
+
+static int tiles_on(void) { return use_amx && agent_rt_small_gemm_ready(); }
+
+static void amx_configure(void) {
+    /* every tile 16 rows x 64 bytes: 0-3 O (16 x 16 fp32), 4 and 7 S, 5 the first operand, 6 the second */
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static void amx_release(void) { _tile_release(); }
+
+/* r[i][j] <- r[j][i] for a 16 x 16 matrix of 32-bit elements */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* Rows rows[0..nrows) of the batch (their G query vectors of KV head h: M = nrows * G <= 32, in one or two tiles of 16)
+   against keys slots[0..n), n <= CHUNK: partials into part, row r's G heads at part + r * rstride
+   (units as in attend_row). */
+static void attend_rows_amx(const uint16_t *q, int64_t q_stride, const int32_t *rows, int nrows, int G, int D,
+                            const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h,
+                            const int32_t *slots, int64_t n, float scale, float *part, int64_t rstride) {
+    const int M = nrows * G, MT = (M + 15) / 16, DP = D / 2, nblk = (int)((n + 15) / 16);
+    const int n32 = (int)((n + 31) / 32) * 32;
+    uint16_t qb[32 * 128] __attribute__((aligned(64)));          /* [32][D] */
+    uint32_t kt[64 * 16] __attribute__((aligned(64)));           /* [D/2][16 keys] */
+    uint32_t vv[CHUNK / 2 * 128] __attribute__((aligned(64)));   /* [key pairs][D] */
+    float s[32 * CHUNK] __attribute__((aligned(64)));            /* [32][CHUNK] */
+    uint16_t ph[32 * CHUNK] __attribute__((aligned(64)));        /* P, bf16 high part */
+    uint16_t pl[32 * CHUNK] __attribute__((aligned(64)));        /* P, bf16 low part */
+    float o[32 * 128] __attribute__((aligned(64)));              /* [32][D] */
+    memset(qb, 0, sizeof(uint16_t) * 16 * MT * D);
+    for (int r = 0; r < nrows; r++)
+        memcpy(qb + r * G * D, q + rows[r] * q_stride + h * G * D, sizeof(uint16_t) * G * D);
+    const int32_t *k32 = (const int32_t *)k_pool;
+    for (int b = 0; b < nblk; b++) {
+        /* K^T for the 16 keys (past n, the last key again): 16 x 16 transposes of 32-bit dim pairs */
+        const uint32_t *kr[16];
+        for (int j = 0; j < 16; j++) {
+            int64_t t = (int64_t)b * 16 + j;
+            kr[j] = (const uint32_t *)(k_pool + (int64_t)slots[t < n ? t : n - 1] * slot_stride + h * D);
+        }
+        for (int p0 = 0; p0 < DP; p0 += 16) {
+            __m512i r[16];
+            for (int j = 0; j < 16; j++) r[j] = _mm512_loadu_si512(kr[j] + p0);
+            transpose16(r);
+            for (int p = 0; p < 16; p++) _mm512_store_si512(kt + (p0 + p) * 16, r[p]);
+        }
+        for (int mt = 0; mt < MT; mt++) {
+            _tile_zero(4);
+            for (int d0 = 0; d0 < D; d0 += 32) {
+                _tile_loadd(5, qb + mt * 16 * D + d0, D * 2);
+                _tile_loadd(6, kt + d0 / 2 * 16, 64);
+                _tile_dpbf16ps(4, 5, 6);
+            }
+            _tile_stored(4, s + mt * 16 * CHUNK + b * 16, CHUNK * 4);
+        }
+    }
+    /* V as key pairs: vv[t][d] = (V[2t][d], V[2t + 1][d]); past n, the last key (its p is 0) */
+    for (int t = 0; t < n32; t += 2) {
+        const uint16_t *a = v_pool + (int64_t)slots[t < n ? t : n - 1] * slot_stride + h * D;
+        const uint16_t *c = v_pool + (int64_t)slots[t + 1 < n ? t + 1 : n - 1] * slot_stride + h * D;
+        for (int d = 0; d < D; d += 32)
+            interleave32(_mm512_loadu_si512(a + d), _mm512_loadu_si512(c + d), vv + (t / 2) * D + d);
+    }
+    /* softmax per query vector over the chunk; P split into bf16 hi + lo, zero past n */
+    const __m512 vscale = _mm512_set1_ps(scale);
+    float m[32], l[32];
+    for (int i = 0; i < 16 * MT; i++) {
+        if (i >= M) {
+            memset(ph + i * CHUNK, 0, sizeof(uint16_t) * n32);
+            memset(pl + i * CHUNK, 0, sizeof(uint16_t) * n32);
+            continue;
+        }
+        float *si = s + i * CHUNK;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < n32; j += 16) {
+            __mmask16 valid = j + 16 <= n ? 0xFFFF : j >= n ? 0 : (__mmask16)((1u << (n - j)) - 1);
+            __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(_mm512_load_ps(si + j), vscale));
+            _mm512_store_ps(si + j, x);
+            mx = _mm512_max_ps(mx, x);
+        }
+        float mi = _mm512_reduce_max_ps(mx);
+        __m512 vm = _mm512_set1_ps(mi), sum = _mm512_setzero_ps();
+        for (int j = 0; j < n32; j += 32) {
+            __m512 e0 = exp512(_mm512_sub_ps(_mm512_load_ps(si + j), vm));
+            __m512 e1 = exp512(_mm512_sub_ps(_mm512_load_ps(si + j + 16), vm));
+            e0 = _mm512_maskz_mov_ps(j + 16 <= n ? 0xFFFF : j >= n ? 0 : (__mmask16)((1u << (n - j)) - 1), e0);
+            e1 = _mm512_maskz_mov_ps(j + 32 <= n ? 0xFFFF : j + 16 >= n ? 0 : (__mmask16)((1u << (n - j - 16)) - 1), e1);
+            sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+            __m512bh hi = _mm512_cvtne2ps_pbh(e1, e0);
+            __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256((__m512i)hi)), 16));
+            __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64((__m512i)hi, 1)), 16));
+            _mm512_store_si512(ph + i * CHUNK + j, (__m512i)hi);
+            _mm512_store_si512(pl + i * CHUNK + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0)));
+        }
+        m[i] = mi;
+        l[i] = _mm512_reduce_add_ps(sum);
+    }
+    /* O = P V, 64 dims (4 accumulator tiles) at a time */
+    for (int mt = 0; mt < MT; mt++)
+    for (int dh = 0; dh < D; dh += 64) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int kb = 0; kb < n32; kb += 32)
+            for (int part = 0; part < 2; part++) {  /* P's high, then low bf16 part */
+                const uint32_t *vb = vv + (kb / 2) * D + dh;
+                _tile_loadd(5, (part ? pl : ph) + mt * 16 * CHUNK + kb, CHUNK * 2);
+                _tile_loadd(6, vb, D * 4);
+                _tile_dpbf16ps(0, 5, 6);
+                _tile_loadd(6, vb + 16, D * 4);
+                _tile_dpbf16ps(1, 5, 6);
+                _tile_loadd(6, vb + 32, D * 4);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_loadd(6, vb + 48, D * 4);
+                _tile_dpbf16ps(3, 5, 6);
+            }
+        _tile_stored(0, o + mt * 16 * D + dh, D * 4);  /* (tile numbers must be constants) */
+        _tile_stored(1, o + mt * 16 * D + dh + 16, D * 4);
+        _tile_stored(2, o + mt * 16 * D + dh + 32, D * 4);
+        _tile_stored(3, o + mt * 16 * D + dh + 48, D * 4);
+    }
+    for (int r = 0; r < nrows; r++)
+        for (int g = 0; g < G; g++) {
+            const int i = r * G + g;
+            float *u = part + r * rstride + g * (D + 2);
+            u[0] = m[i];
+            u[1] = l[i];
+            memcpy(u + 2, o + i * D, sizeof(float) * D);
+        }
+}
+
+/* Extend: S[i][j] = q_i . k_j for 48 query vectors qp ([48][D/2] dim pairs) and one block of 32 keys
+   packed as kb ([D/2][32] dim pairs), into s ([48][32] fp32, not scaled). */
+static void extend_scores_amx(const uint32_t *qp, const uint32_t *kb, float *s, int D) {
+    const int DP = D / 2;
+    for (int mt = 0; mt < 3; mt++) {
+        _tile_zero(4);
+        _tile_zero(7);
+        for (int p0 = 0; p0 < DP; p0 += 16) {
+            _tile_loadd(5, qp + mt * 16 * DP + p0, DP * 4);
+            _tile_loadd(6, kb + p0 * 32, 128);
+            _tile_dpbf16ps(4, 5, 6);
+            _tile_loadd(6, kb + p0 * 32 + 16, 128);
+            _tile_dpbf16ps(7, 5, 6);
+        }
+        _tile_stored(4, s + mt * 16 * 32, 128);
+        _tile_stored(7, s + mt * 16 * 32 + 16, 128);
+    }
+}
+
+/* Extend: t = P V for the 16 query vectors pp ([16][16] key pairs, bf16) and dims dh..dh+63 of one
+   block's V packed as vb ([16 key pairs][D]), into t ([16][64] fp32). */
+static void extend_pv_amx(const uint32_t *pp, const uint32_t *vb, int dh, int D, float *t) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(5, pp, 64);
+    _tile_loadd(6, vb + dh, D * 4);
+    _tile_dpbf16ps(0, 5, 6);
+    _tile_loadd(6, vb + dh + 16, D * 4);
+    _tile_dpbf16ps(1, 5, 6);
+    _tile_loadd(6, vb + dh + 32, D * 4);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_loadd(6, vb + dh + 48, D * 4);
+    _tile_dpbf16ps(3, 5, 6);
+    _tile_stored(0, t, 256);
+    _tile_stored(1, t + 16, 256);
+    _tile_stored(2, t + 32, 256);
+    _tile_stored(3, t + 48, 256);
+}
+#else
+static void extend_scores_amx(const uint32_t *qp, const uint32_t *kb, float *s, int D) {
+    (void)qp, (void)kb, (void)s, (void)D;
+}
+static void extend_pv_amx(const uint32_t *pp, const uint32_t *vb, int dh, int D, float *t) {
+    (void)pp, (void)vb, (void)dh, (void)D, (void)t;
+}
+static int tiles_on(void) { return 0; }
+static void amx_configure(void) {}
+static void amx_release(void) {}
+static void attend_rows_amx(const uint16_t *q, int64_t q_stride, const int32_t *rows, int nrows, int G, int D,
+                            const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h,
+                            const int32_t *slots, int64_t n, float scale, float *part, int64_t rstride) {
+    (void)q, (void)q_stride, (void)rows, (void)nrows, (void)G, (void)D, (void)k_pool, (void)v_pool;
+    (void)slot_stride, (void)h, (void)slots, (void)n, (void)scale, (void)part, (void)rstride;
+}
+#endif
+
+/* Whether decode attention uses AMX tiles where it can (want: 1 yes, 0 no; -1 only asks):
+   returns 1 when it does from now on. */
+int agent_rt_attention_amx(int want) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (want >= 0) use_amx = want;
+#else
+    (void)want;
+#endif
+    return tiles_on();
+}
+
 int agent_rt_supports(int64_t G, int64_t D) { return G >= 1 && G <= 8 && (D == 64 || D == 128); }
 
 /* q: bf16 [rows of the batch, H * G, D] with row stride q_stride (elements); k_pool, v_pool: bf16
@@ -183,16 +454,32 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
     }
     float *part = malloc(sizeof(float) * (units ? units : 1) * (D + 2));
     if (!part) { free(task); return -1; }
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t i = 0; i < tasks; i++) {
-        int64_t l = task[3 * i], c = task[3 * i + 1];
-        int64_t k0 = key_start[l] + c * CHUNK, k1 = k0 + CHUNK < key_start[l + 1] ? k0 + CHUNK : key_start[l + 1];
-        int64_t nr = row_start[l + 1] - row_start[l];
-        float *u = part + task[3 * i + 2] * (D + 2);
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t r = 0; r < nr; r++)
-                attend_row_any(q + rows[row_start[l] + r] * q_stride + h * G * D, k_pool, v_pool, slot_stride, h,
-                               slots + k0, k1 - k0, scale, u + (r * H + h) * G * (D + 2), (int)G, (int)D, r == 0);
+    const int amx = tiles_on();
+#pragma omp parallel
+    {
+        if (amx) amx_configure();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < tasks; i++) {
+            int64_t l = task[3 * i], c = task[3 * i + 1];
+            int64_t k0 = key_start[l] + c * CHUNK, k1 = k0 + CHUNK < key_start[l + 1] ? k0 + CHUNK : key_start[l + 1];
+            int64_t nr = row_start[l + 1] - row_start[l];
+            float *u = part + task[3 * i + 2] * (D + 2);
+            if (amx && nr > 1) {
+                /* all query vectors of up to 32 / G rows at once, per KV head */
+                const int64_t per = 32 / G;
+                for (int64_t h = 0; h < H; h++)
+                    for (int64_t r0 = 0; r0 < nr; r0 += per)
+                        attend_rows_amx(q, q_stride, rows + row_start[l] + r0, nr - r0 < per ? (int)(nr - r0) : (int)per,
+                                        (int)G, (int)D, k_pool, v_pool, slot_stride, h, slots + k0, k1 - k0, scale,
+                                        u + (r0 * H + h) * G * (D + 2), H * G * (D + 2));
+                continue;
+            }
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t r = 0; r < nr; r++)
+                    attend_row_any(q + rows[row_start[l] + r] * q_stride + h * G * D, k_pool, v_pool, slot_stride, h,
+                                   slots + k0, k1 - k0, scale, u + (r * H + h) * G * (D + 2), (int)G, (int)D, r == 0);
+        }
+        if (amx) amx_release();
     }
     /* merge: per batch row and query head, the running (max, sum, acc) over every partial */
     int64_t heads = H * G;
@@ -239,7 +526,9 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
    blocks from position 0: S = Q K^T for the block (12 query vectors x 32 keys per register tile),
    scaled and masked past each row's position, online softmax in fp32, probabilities rounded to
    bf16 (as PyTorch's CPU flash attention does) and P V for the block added to the row's fp32
-   output. Blocks are aligned at absolute positions and a block a row cannot see leaves it exactly
+   output. With AMX tiles, S for the block is 3 x 2 tiles of 16 x 16 (the packed K is already the
+   tiles' second-operand layout) and P V is 16 query vectors x 64 dims per 4 tiles, the same
+   packed V as second operand; the softmax, the rescaling and the rounding stay as described. Blocks are aligned at absolute positions and a block a row cannot see leaves it exactly
    as it was, so a row's result depends only on its query and the keys up to its position: not on
    how much of the prompt was cached, nor on the rest of the batch. */
 
@@ -261,17 +550,13 @@ static void pack_kv_block(const uint16_t *k_pool, const uint16_t *v_pool, int64_
             for (int p = 0; p < DP; p++) kb[p * KB + j] = 0;
         }
     }
-    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
     for (int j = 0; j < KB; j += 2) {
         int64_t t = b * KB + j;
         uint32_t *dst = vp + (t / 2) * D;
         for (int d = 0; d < D; d += 32) {
             __m512i a = t < T ? _mm512_loadu_si512(v_pool + (int64_t)slots[t] * slot_stride + h * D + d) : _mm512_setzero_si512();
             __m512i c = t + 1 < T ? _mm512_loadu_si512(v_pool + (int64_t)slots[t + 1] * slot_stride + h * D + d) : _mm512_setzero_si512();
-            _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(a, lo_idx, c));        /* dims d..d+15 */
-            _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(a, hi_idx, c));   /* dims d+16..d+31 */
+            interleave32(a, c, dst + d);
         }
     }
 }
@@ -280,7 +565,7 @@ static void pack_kv_block(const uint16_t *k_pool, const uint16_t *v_pool, int64_
    0..nblocks of one packed head; writes o[QT][D] (fp32, normalized). */
 static inline __attribute__((always_inline)) void extend_tile(const uint32_t *qp, const int64_t *pos, const uint32_t *kp,
                                                               const uint32_t *vp, int64_t nblocks, float scale, float *o,
-                                                              const int D) {
+                                                              const int D, const int amx) {
     const int DP = D / 2, DV = D / 16, PT = D == 64 ? 6 : 3;
     float m[QT], l[QT], s[QT][KB] __attribute__((aligned(64)));
     uint32_t pp[QT][KB / 2] __attribute__((aligned(64)));
@@ -291,7 +576,9 @@ static inline __attribute__((always_inline)) void extend_tile(const uint32_t *qp
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t b = 0; b < nblocks; b++) {
         const uint32_t *kb = kp + b * DP * KB;
-        /* S = Q K^T, 12 query vectors x 32 keys at a time */
+        /* S = Q K^T: on AMX tiles, or 12 query vectors x 32 keys at a time */
+        if (amx) extend_scores_amx(qp, kb, &s[0][0], D);
+        else
         for (int i0 = 0; i0 < QT; i0 += 12) {
             __m512 acc[12][2];
             for (int i = 0; i < 12; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -304,8 +591,8 @@ static inline __attribute__((always_inline)) void extend_tile(const uint32_t *qp
                 }
             }
             for (int i = 0; i < 12; i++) {
-                _mm512_store_ps(s[i0 + i], _mm512_mul_ps(acc[i][0], vscale));
-                _mm512_store_ps(s[i0 + i] + 16, _mm512_mul_ps(acc[i][1], vscale));
+                _mm512_store_ps(s[i0 + i], acc[i][0]);
+                _mm512_store_ps(s[i0 + i] + 16, acc[i][1]);
             }
         }
         /* mask past each row's position, online softmax, P as bf16 pairs */
@@ -315,8 +602,8 @@ static inline __attribute__((always_inline)) void extend_tile(const uint32_t *qp
             if (!live[i]) continue;
             __mmask16 m0 = seen >= 16 ? 0xFFFF : (__mmask16)((1u << seen) - 1);
             __mmask16 m1 = seen >= 32 ? 0xFFFF : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
-            __m512 s0 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m0, _mm512_load_ps(s[i]));
-            __m512 s1 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m1, _mm512_load_ps(s[i] + 16));
+            __m512 s0 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m0, _mm512_mul_ps(_mm512_load_ps(s[i]), vscale));
+            __m512 s1 = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m1, _mm512_mul_ps(_mm512_load_ps(s[i] + 16), vscale));
             float bm = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
             float mn = bm > m[i] ? bm : m[i];
             alpha[i] = expf(m[i] - mn);  /* 0 on the row's first block (m = -inf) */
@@ -326,8 +613,24 @@ static inline __attribute__((always_inline)) void extend_tile(const uint32_t *qp
             l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
             _mm512_store_si512(pp[i], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
         }
-        /* O = O * alpha + P V, PT query vectors x D dims at a time */
+        /* O = O * alpha + P V: on AMX tiles (16 query vectors x 64 dims), or PT query vectors x D dims
+           at a time */
         const uint32_t *vb = vp + b * (KB / 2) * D;
+        if (amx) {
+            float t[16 * 64] __attribute__((aligned(64)));
+            for (int i0 = 0; i0 < QT; i0 += 16)
+                for (int dh = 0; dh < D; dh += 64) {
+                    extend_pv_amx(pp[i0], vb, dh, D, t);
+                    for (int i = 0; i < 16; i++) {
+                        if (!live[i0 + i]) continue;
+                        float *oi = o + (int64_t)(i0 + i) * D + dh;
+                        __m512 a = _mm512_set1_ps(alpha[i0 + i]);
+                        for (int c = 0; c < 4; c++)
+                            _mm512_storeu_ps(oi + c * 16, _mm512_fmadd_ps(_mm512_loadu_ps(oi + c * 16), a,
+                                                                          _mm512_load_ps(t + i * 64 + c * 16)));
+                    }
+                }
+        } else
         for (int i0 = 0; i0 < QT; i0 += PT) {
             __m512 acc[6][8];
             for (int i = 0; i < PT; i++)
@@ -396,7 +699,11 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
     int64_t nt = 0;
     for (int64_t r = R - 1; r >= 0; r--)
         for (int64_t r0 = ((n_new[r] + RT - 1) / RT - 1) * RT; r0 >= 0; r0 -= RT, nt++) { task[2 * nt] = r; task[2 * nt + 1] = r0; }
-#pragma omp parallel for schedule(dynamic, 1) collapse(2)
+    const int amx = tiles_on();
+#pragma omp parallel
+    {
+    if (amx) amx_configure();
+#pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t i = 0; i < nt; i++)
         for (int64_t h = 0; h < H; h++) {
             int64_t r = task[2 * i], r0 = task[2 * i + 1];
@@ -416,8 +723,8 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
             int64_t nblocks = (first + r0 + rows - 1) / KB + 1;
             const uint32_t *kp = packed + h * 2 * per_head + pack_at[r] * (KB / 2) * D;
             const uint32_t *vp = kp + per_head;
-            if (D == 64) extend_tile(qp, pos, kp, vp, nblocks, scale, o, 64);
-            else extend_tile(qp, pos, kp, vp, nblocks, scale, o, 128);
+            if (D == 64) extend_tile(qp, pos, kp, vp, nblocks, scale, o, 64, amx);
+            else extend_tile(qp, pos, kp, vp, nblocks, scale, o, 128, amx);
             for (int64_t x = 0; x < rows; x++)
                 for (int64_t g = 0; g < G; g++) {
                     uint16_t *dst = out + (q_row[r] + r0 + x) * out_stride + (h * G + g) * D;
@@ -426,6 +733,8 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
                         _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
                 }
         }
+    if (amx) amx_release();
+    }
     free(packed);
     free(task);
     free(pack_at);

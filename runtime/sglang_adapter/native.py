@@ -45,10 +45,12 @@ log = logging.getLogger("runtime.sglang_adapter.native")
 
 ENV = "AGENT_RUNTIME_CPU_ATTENTION_KERNEL"  # "native" (default) or "sdpa"; set by runtime.backends.embedded
 GEMM_ENV = "AGENT_RUNTIME_CPU_GEMM_KERNEL"  # "native" (default) or "onednn"; set by runtime.backends.embedded
+# "off": attention keeps VDPBF16PS and fp32 FMAs where AMX tiles are granted (for measurements)
+TILES_ENV = "AGENT_RUNTIME_CPU_ATTENTION_TILES"
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("decode_attention.c", "small_gemm.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names
-ABI_VERSION = 3
+ABI_VERSION = 4
 GEMM_CPU_FEATURES = ("amx_tile", "amx_bf16")
 GEMM_MAX_ROWS = 16
 BUILD_TIMEOUT_S = 300
@@ -125,6 +127,8 @@ class Kernel:
         self._gemm.restype = ctypes.c_int
         self._gemm_ready = lib.agent_rt_small_gemm_ready
         self._gemm_ready.restype = ctypes.c_int
+        self._attention_amx = lib.agent_rt_attention_amx
+        self._attention_amx.argtypes, self._attention_amx.restype = [ctypes.c_int], ctypes.c_int
         self.calls = 0
         self.extend_calls = 0
         self.gemm_calls = 0
@@ -173,6 +177,11 @@ class Kernel:
             raise MemoryError("extend attention kernel: out of memory")
         self.extend_calls += 1
         return out
+
+    def attention_amx(self, want: bool | None = None) -> bool:
+        """Whether decode attention runs on AMX tiles (where the CPU has AMX and the OS grants the
+        tiles); want turns that on or off for this process first."""
+        return bool(self._attention_amx(-1 if want is None else int(want)))
 
     def gemm_ready(self) -> bool:
         """Whether this process can run the small-M GEMM: the library was built for AMX and the OS
@@ -249,7 +258,10 @@ def load() -> Kernel | str:
     """The kernels for attention, or why this process attends with SDPA instead (built once per machine)."""
     if os.environ.get(ENV, "native") == "sdpa":
         return "turned off (INFERENCE_CPU_ATTENTION_KERNEL=false)"
-    return _library()
+    kernel = _library()
+    if not isinstance(kernel, str) and os.environ.get(TILES_ENV) == "off":
+        kernel.attention_amx(False)
+    return kernel
 
 
 @functools.cache
@@ -290,11 +302,13 @@ def _library() -> Kernel | str:
 
 
 def report() -> dict[str, object]:
-    """For the scheduler's internal state: whether decode attention runs the kernel, and its calls."""
+    """For the scheduler's internal state: whether attention runs the kernel, its calls, and whether on
+    AMX tiles."""
     kernel = load()
     if isinstance(kernel, str):
-        return {"runs": False, "reason": kernel, "calls": 0, "extend_calls": 0}
-    return {"runs": True, "reason": "", "calls": kernel.calls, "extend_calls": kernel.extend_calls}
+        return {"runs": False, "reason": kernel, "calls": 0, "extend_calls": 0, "amx": False}
+    return {"runs": True, "reason": "", "calls": kernel.calls, "extend_calls": kernel.extend_calls,
+            "amx": kernel.attention_amx()}
 
 
 def gemm_report() -> dict[str, object]:
