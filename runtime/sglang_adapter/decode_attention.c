@@ -190,7 +190,7 @@ static void attend_row_any(const uint16_t *q, const uint16_t *k_pool, const uint
    spends about a dozen instructions per query vector and key, two of them VDPBF16PS (slow on some
    hosts: docs/BENCHMARKS.md, "sixth round"); here the tile products cost almost nothing, the
    transposes and the softmax are per key or per query vector and block, and a prefix attended by
-   8 rows costs about 1.5x one attended by 4 instead of 2x. */
+   8 rows costs about 1.6x one attended by 4 instead of 2x ("seventh round"). */
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 int agent_rt_small_gemm_ready(void); /* small_gemm.c: the OS granted this process the tiles */

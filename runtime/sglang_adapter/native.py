@@ -9,7 +9,10 @@ and attends all query heads of a KV head together (see its header; docs/BENCHMAR
 kernel packs each request's K and V once per layer into the layouts of VDPBF16PS and computes the
 new rows in tiles of 48 query vectors against blocks of 32 keys (2-3x faster than SDPA's CPU flash
 attention on the benchmark's prefills). small_gemm.c multiplies a decode step's few rows by weights
-packed for it (runtime.sglang_adapter.cpu_linear), reading each weight line once.
+packed for it (runtime.sglang_adapter.cpu_linear), reading each weight line once. Where the CPU has
+Intel AMX and the OS grants this process the tiles, the attention kernels compute shared prefixes
+and prefills on AMX tiles too (Kernel.attention_amx(); AGENT_RUNTIME_CPU_ATTENTION_TILES=off keeps
+them off, for measurements).
 
 It is compiled from the sources next to this file by the system C compiler (`cc`, or $CC) with
 `-O3 -march=native -fopenmp` into $XDG_CACHE_HOME/agent-runtime/kernels (~/.cache/...), keyed by
