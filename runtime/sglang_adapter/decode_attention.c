@@ -258,7 +258,6 @@ static void attend_rows_amx(const uint16_t *q, int64_t q_stride, const int32_t *
     memset(qb, 0, sizeof(uint16_t) * 16 * MT * D);
     for (int r = 0; r < nrows; r++)
         memcpy(qb + r * G * D, q + rows[r] * q_stride + h * G * D, sizeof(uint16_t) * G * D);
-    const int32_t *k32 = (const int32_t *)k_pool;
     for (int b = 0; b < nblk; b++) {
         /* K^T for the 16 keys (past n, the last key again): 16 x 16 transposes of 32-bit dim pairs */
         const uint32_t *kr[16];
