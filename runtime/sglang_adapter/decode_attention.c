@@ -66,6 +66,11 @@ static inline __m512 hsum16(const __m512 *v) {
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* The lanes of keys j..j+15 that are below n */
+static inline __mmask16 below(int64_t j, int64_t n) {
+    return j + 16 <= n ? 0xFFFF : j >= n ? 0 : (__mmask16)((1u << (n - j)) - 1);
+}
+
 /* 16 bf16 -> 16 fp32 */
 static inline __m512 widen(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -216,6 +221,35 @@ static void amx_configure(void) {
 
 static void amx_release(void) { _tile_release(); }
 
+/* The P V accumulators, tiles 0-3 (16 x 64 fp32; tile numbers must be constants, hence written out) */
+static inline void zero_o_tiles(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+static inline void store_o_tiles(float *o, int64_t stride_bytes) {
+    _tile_stored(0, o, stride_bytes);
+    _tile_stored(1, o + 16, stride_bytes);
+    _tile_stored(2, o + 32, stride_bytes);
+    _tile_stored(3, o + 48, stride_bytes);
+}
+
+/* Tiles 0-3 += P V for 16 query vectors: P at p (16 rows of 32 keys, bf16, rows p_stride bytes
+   apart), against 64 dims of 32 keys of V as key pairs at vb (rows D pairs apart) */
+static inline void add_pv_tiles(const void *p, int64_t p_stride, const uint32_t *vb, int D) {
+    _tile_loadd(5, p, p_stride);
+    _tile_loadd(6, vb, D * 4);
+    _tile_dpbf16ps(0, 5, 6);
+    _tile_loadd(6, vb + 16, D * 4);
+    _tile_dpbf16ps(1, 5, 6);
+    _tile_loadd(6, vb + 32, D * 4);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_loadd(6, vb + 48, D * 4);
+    _tile_dpbf16ps(3, 5, 6);
+}
+
 /* r[i][j] <- r[j][i] for a 16 x 16 matrix of 32-bit elements */
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];
@@ -240,9 +274,9 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* Rows rows[0..nrows) of the batch (their G query vectors of KV head h: M = nrows * G <= 32, in one or two tiles of 16)
-   against keys slots[0..n), n <= CHUNK: partials into part, row r's G heads at part + r * rstride
-   (units as in attend_row). */
+/* Rows rows[0..nrows) of the batch (their G query vectors of KV head h: M = nrows * G <= 32, in
+   one or two tiles of 16) against keys slots[0..n), n <= CHUNK: partials into part, row r's G
+   heads at part + r * rstride (units as in attend_row). */
 static void attend_rows_amx(const uint16_t *q, int64_t q_stride, const int32_t *rows, int nrows, int G, int D,
                             const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h,
                             const int32_t *slots, int64_t n, float scale, float *part, int64_t rstride) {
@@ -300,8 +334,7 @@ static void attend_rows_amx(const uint16_t *q, int64_t q_stride, const int32_t *
         float *si = s + i * CHUNK;
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int j = 0; j < n32; j += 16) {
-            __mmask16 valid = j + 16 <= n ? 0xFFFF : j >= n ? 0 : (__mmask16)((1u << (n - j)) - 1);
-            __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(_mm512_load_ps(si + j), vscale));
+            __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), below(j, n), _mm512_mul_ps(_mm512_load_ps(si + j), vscale));
             _mm512_store_ps(si + j, x);
             mx = _mm512_max_ps(mx, x);
         }
@@ -310,8 +343,8 @@ static void attend_rows_amx(const uint16_t *q, int64_t q_stride, const int32_t *
         for (int j = 0; j < n32; j += 32) {
             __m512 e0 = exp512(_mm512_sub_ps(_mm512_load_ps(si + j), vm));
             __m512 e1 = exp512(_mm512_sub_ps(_mm512_load_ps(si + j + 16), vm));
-            e0 = _mm512_maskz_mov_ps(j + 16 <= n ? 0xFFFF : j >= n ? 0 : (__mmask16)((1u << (n - j)) - 1), e0);
-            e1 = _mm512_maskz_mov_ps(j + 32 <= n ? 0xFFFF : j + 16 >= n ? 0 : (__mmask16)((1u << (n - j - 16)) - 1), e1);
+            e0 = _mm512_maskz_mov_ps(below(j, n), e0);
+            e1 = _mm512_maskz_mov_ps(below(j + 16, n), e1);
             sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
             __m512bh hi = _mm512_cvtne2ps_pbh(e1, e0);
             __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256((__m512i)hi)), 16));
@@ -324,29 +357,14 @@ static void attend_rows_amx(const uint16_t *q, int64_t q_stride, const int32_t *
     }
     /* O = P V, 64 dims (4 accumulator tiles) at a time */
     for (int mt = 0; mt < MT; mt++)
-    for (int dh = 0; dh < D; dh += 64) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int kb = 0; kb < n32; kb += 32)
-            for (int part = 0; part < 2; part++) {  /* P's high, then low bf16 part */
-                const uint32_t *vb = vv + (kb / 2) * D + dh;
-                _tile_loadd(5, (part ? pl : ph) + mt * 16 * CHUNK + kb, CHUNK * 2);
-                _tile_loadd(6, vb, D * 4);
-                _tile_dpbf16ps(0, 5, 6);
-                _tile_loadd(6, vb + 16, D * 4);
-                _tile_dpbf16ps(1, 5, 6);
-                _tile_loadd(6, vb + 32, D * 4);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_loadd(6, vb + 48, D * 4);
-                _tile_dpbf16ps(3, 5, 6);
+        for (int dh = 0; dh < D; dh += 64) {
+            zero_o_tiles();
+            for (int kb = 0; kb < n32; kb += 32) {  /* P's high, then its low bf16 part */
+                add_pv_tiles(ph + mt * 16 * CHUNK + kb, CHUNK * 2, vv + (kb / 2) * D + dh, D);
+                add_pv_tiles(pl + mt * 16 * CHUNK + kb, CHUNK * 2, vv + (kb / 2) * D + dh, D);
             }
-        _tile_stored(0, o + mt * 16 * D + dh, D * 4);  /* (tile numbers must be constants) */
-        _tile_stored(1, o + mt * 16 * D + dh + 16, D * 4);
-        _tile_stored(2, o + mt * 16 * D + dh + 32, D * 4);
-        _tile_stored(3, o + mt * 16 * D + dh + 48, D * 4);
-    }
+            store_o_tiles(o + mt * 16 * D + dh, D * 4);
+        }
     for (int r = 0; r < nrows; r++)
         for (int g = 0; g < G; g++) {
             const int i = r * G + g;
@@ -379,23 +397,9 @@ static void extend_scores_amx(const uint32_t *qp, const uint32_t *kb, float *s, 
 /* Extend: t = P V for the 16 query vectors pp ([16][16] key pairs, bf16) and dims dh..dh+63 of one
    block's V packed as vb ([16 key pairs][D]), into t ([16][64] fp32). */
 static void extend_pv_amx(const uint32_t *pp, const uint32_t *vb, int dh, int D, float *t) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    _tile_loadd(5, pp, 64);
-    _tile_loadd(6, vb + dh, D * 4);
-    _tile_dpbf16ps(0, 5, 6);
-    _tile_loadd(6, vb + dh + 16, D * 4);
-    _tile_dpbf16ps(1, 5, 6);
-    _tile_loadd(6, vb + dh + 32, D * 4);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_loadd(6, vb + dh + 48, D * 4);
-    _tile_dpbf16ps(3, 5, 6);
-    _tile_stored(0, t, 256);
-    _tile_stored(1, t + 16, 256);
-    _tile_stored(2, t + 32, 256);
-    _tile_stored(3, t + 48, 256);
+    zero_o_tiles();
+    add_pv_tiles(pp, 64, vb + dh, D);
+    store_o_tiles(t, 256);
 }
 #else
 static void extend_scores_amx(const uint32_t *qp, const uint32_t *kb, float *s, int D) {
@@ -415,8 +419,8 @@ static void attend_rows_amx(const uint16_t *q, int64_t q_stride, const int32_t *
 }
 #endif
 
-/* Whether decode attention uses AMX tiles where it can (want: 1 yes, 0 no; -1 only asks):
-   returns 1 when it does from now on. */
+/* Whether attention (decode and extend) uses AMX tiles where it can (want: 1 yes, 0 no; -1 only
+   asks): returns 1 when it does from now on. */
 int agent_rt_attention_amx(int want) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (want >= 0) use_amx = want;
@@ -527,8 +531,9 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
    bf16 (as PyTorch's CPU flash attention does) and P V for the block added to the row's fp32
    output. With AMX tiles, S for the block is 3 x 2 tiles of 16 x 16 (the packed K is already the
    tiles' second-operand layout) and P V is 16 query vectors x 64 dims per 4 tiles, the same
-   packed V as second operand; the softmax, the rescaling and the rounding stay as described. Blocks are aligned at absolute positions and a block a row cannot see leaves it exactly
-   as it was, so a row's result depends only on its query and the keys up to its position: not on
+   packed V as second operand; the softmax, the rescaling and the rounding stay as described.
+   Blocks are aligned at absolute positions and a block a row cannot see leaves it exactly as it
+   was, so a row's result depends only on its query and the keys up to its position: not on
    how much of the prompt was cached, nor on the rest of the batch. */
 
 #define KB 32  /* keys per block */

@@ -182,8 +182,8 @@ class Kernel:
         return out
 
     def attention_amx(self, want: bool | None = None) -> bool:
-        """Whether decode attention runs on AMX tiles (where the CPU has AMX and the OS grants the
-        tiles); want turns that on or off for this process first."""
+        """Whether attention (decode and extend) runs on AMX tiles (where the CPU has AMX and the OS
+        grants the tiles); want turns that on or off for this process first."""
         return bool(self._attention_amx(-1 if want is None else int(want)))
 
     def gemm_ready(self) -> bool:
