@@ -136,9 +136,7 @@ class Cluster:
         self.worker_ports = list(self.worker_ports) or [free_port() for _ in range(self.n)]
         if len(self.worker_ports) != self.n:
             raise ClusterError(f"{self.n} workers but {len(self.worker_ports)} ports")
-        # A port the cluster picks itself is picked again when the router starts: the workers, once
-        # up, hold ports of their own (SGLang's internal ones) that a port picked before them can collide with.
-        self._pick_router_port = not self.router_port
+        self._pick_router_port = not self.router_port  # then picked again once the workers are up (start)
         self.router_port = self.router_port or free_port()
         self.runtime_port = self.runtime_port or (self.cfg.port if self.with_runtime else 0)
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="agent-runtime-cluster-"))
@@ -175,19 +173,11 @@ class Cluster:
             argv += self.worker_args
             workers.append(Child(f"worker {i + 1}/{self.n}", argv, f"http://{HOST}:{port}", "/health",
                                  self.log_dir / f"worker-{i + 1}.log"))
-        return workers
-
-    def _plan_front(self) -> list[Child]:
-        """The router and the runtime, planned once the workers are up (their ports picked then)."""
-        py = sys.executable
-        assert self.log_dir is not None
-        if self._pick_router_port:
-            self.router_port = free_port()
         router_argv = [py, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(self.router_port),
                        "--worker-urls", *self.worker_urls, "--policy", self.policy,
                        "--prometheus-host", HOST, "--prometheus-port", str(free_port()),
                        "--worker-startup-check-interval", "1", "--log-level", "warn", *self.router_args]
-        children = [Child("router", router_argv, self.router_url, "/readiness", self.log_dir / "router.log")]
+        children = workers + [Child("router", router_argv, self.router_url, "/readiness", self.log_dir / "router.log")]
         if self.with_runtime:
             argv = [py, "-m", "runtime", "serve", *self.runtime_args]
             children.append(Child("runtime", argv, f"http://{self.runtime_addr}", "/ready",
@@ -212,16 +202,17 @@ class Cluster:
         from runtime.model_store import resolve_model
 
         model_path = str(resolve_model(self.cfg.model_id, cache_dir=self.cfg.cache_dir))
-        workers = self.children = self._plan(model_path)
+        self.children = self._plan(model_path)
         self.progress(f"model {model_path}; logs in {self.log_dir}")
+        workers, env = self.children[: self.n], self._env()
         try:
-            env = self._env()
             for child in workers:  # in parallel: loading is mostly waiting
                 child.spawn(env)
             self._wait_ready(workers, timeout_s)
-            router, *rest = front = self._plan_front()
-            self.children = workers + front
-            env = self._env()  # the router's address as it is now
+            if self._pick_router_port:  # the workers' SGLang holds ports of its own now: a port picked before
+                self.router_port = free_port()  # them could collide (router: "Address already in use")
+                self.children = workers + self._plan(model_path)[self.n:]  # (its metrics port picked again too)
+            router, rest, env = self.children[self.n], self.children[self.n + 1:], self._env()
             router.spawn(env)
             self._wait_ready([router], 120)
             for child in rest:

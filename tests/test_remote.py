@@ -442,15 +442,11 @@ def test_cluster_stops_everything_when_a_child_dies(cfg, tmp_path):
     from runtime.cluster import Child, Cluster
 
     class FakeCluster(Cluster):
-        def _fake(self, name, port, i):
-            return Child(name, [sys.executable, "-c", _FAKE_CHILD, str(port)], f"http://127.0.0.1:{port}", "/health",
-                         self.log_dir / f"{i}.log")
-
         def _plan(self, model_path):
-            return [self._fake(f"worker {i + 1}/{self.n}", port, i) for i, port in enumerate(self.worker_ports)]
-
-        def _plan_front(self):
-            return [self._fake("router", self.router_port, self.n)]
+            ports = [*self.worker_ports, self.router_port]
+            names = [f"worker {i + 1}/{self.n}" for i in range(self.n)] + ["router"]
+            return [Child(name, [sys.executable, "-c", _FAKE_CHILD, str(port)], f"http://127.0.0.1:{port}", "/health",
+                          self.log_dir / f"{i}.log") for i, (name, port) in enumerate(zip(names, ports, strict=True))]
 
     messages: list[str] = []
     c = FakeCluster(cfg, 2, with_runtime=False, log_dir=tmp_path, progress=messages.append)
