@@ -1,8 +1,9 @@
 """runtime.sglang_adapter.cpu_linear: linear layers and the lm_head on weights packed once give
-what SGLang's own unquantized path gives (oneDNN's bits for more than SMALL_ROWS rows; the small-M
-kernel's, held to the same bound against float64, for fewer), drop the dense copy loudly, and leave
-every layer they do not apply to on SGLang's path; a CPU engine runs all its linear layers packed
-and its decode steps through the kernel."""
+what SGLang's own unquantized path gives (oneDNN's bits for more rows than the GEMM kernel takes;
+the kernel's, held to the same bound against float64, for fewer: up to 16 on AMX tiles, every call
+on an AVX2 host where oneDNN has no bf16), drop the dense copy loudly, and leave every layer they do
+not apply to on SGLang's path; a CPU engine runs all its linear layers packed and its decode steps
+through the kernel."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ SGLANG = SimpleNamespace(apply=inspect.unwrap(UnquantizedLinearMethod.apply),
                          apply_into=inspect.unwrap(UnquantizedLinearMethod.apply_into),
                          lm_head=inspect.unwrap(LogitsProcessor._compute_lm_head))
 
-pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="oneDNN (mkldnn) is not available in this torch")
+pytestmark = pytest.mark.skipif(not cpu_linear.available(),
+                                reason="neither oneDNN's bf16 GEMM nor the GEMM kernel runs in this process")
 GEMM = native.load_gemm()
-needs_gemm = pytest.mark.skipif(isinstance(GEMM, str), reason=f"the small-M GEMM kernel: {GEMM}")
+needs_gemm = pytest.mark.skipif(isinstance(GEMM, str), reason=f"the GEMM kernel: {GEMM}")
+ONEDNN = native.onednn_bf16()
 
 
 def _layer(out_features: int, in_features: int, dtype=torch.bfloat16, seed=0) -> torch.nn.Module:
@@ -68,11 +71,14 @@ def test_packed_apply_gives_sglangs_result(out_features, in_features, rows, with
     expected = SGLANG.apply(method, layer, x, bias)  # SGLang's path: F.linear
 
     cpu_linear.after_weights_loaded(None, method, layer)
-    packed = getattr(layer, cpu_linear.PACKED)
+    packed = getattr(layer, cpu_linear.PACKED, None)
     calls = GEMM.gemm_calls if not isinstance(GEMM, str) else 0
     got = cpu_linear.apply(SGLANG.apply, method, layer, x, bias)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
-    if rows > cpu_linear.SMALL_ROWS or packed.blocks is None:
+    if packed is None:  # no oneDNN bf16 here, and a shape the kernel does not take: SGLang's path
+        assert not ONEDNN and cpu_linear.pack_blocks(dense) is None and not layer.weight.is_meta
+        assert torch.equal(got, expected)
+    elif rows > cpu_linear.kernel_rows() or packed.blocks is None:
         assert torch.equal(got, expected)  # the same oneDNN bf16 GEMM, so the same bits
     else:  # the small-M kernel: its own order of sums
         assert not isinstance(GEMM, str) and GEMM.gemm_calls == calls + 1
@@ -99,6 +105,22 @@ def test_small_gemm_kernel_against_float64(rows, out_features, in_features):
     assert torch.equal(GEMM.gemm(wide[:, :in_features], blocks), GEMM.gemm(x, blocks))
 
 
+@pytest.mark.skipif(isinstance(GEMM, str) or GEMM.gemm_max_rows <= native.GEMM_MAX_ROWS,
+                    reason="the GEMM on AVX2 (hosts without AMX where oneDNN has no bf16) takes any number of rows")
+@pytest.mark.parametrize("rows", [17, 37, 300])
+def test_the_avx2_gemm_takes_prefills_too(rows):
+    g = torch.Generator().manual_seed(rows)
+    dense = (torch.randn(96, 576, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
+    bias = torch.randn(96, generator=g).to(torch.bfloat16)
+    blocks = cpu_linear.pack_blocks(dense)
+    assert blocks is not None and not isinstance(GEMM, str)
+    got = GEMM.gemm(x, blocks, bias)
+    _no_worse_than(got, F.linear(x, dense, bias), x, dense, bias)
+    # a row's result does not depend on the rows around it (passes of 4 rows, any remainder)
+    assert torch.equal(got[rows - 1:], GEMM.gemm(x[rows - 1:], blocks, bias))
+
+
 @needs_gemm
 def test_small_gemm_kernel_refuses_what_it_does_not_compute():
     blocks = cpu_linear.pack_blocks(torch.zeros(32, 64, dtype=torch.bfloat16))
@@ -111,7 +133,8 @@ def test_small_gemm_kernel_refuses_what_it_does_not_compute():
                        (torch.zeros(2, 64, dtype=bf16), torch.zeros(16, dtype=bf16)),  # bias of another size
                        (torch.zeros(64, 2, dtype=bf16).t(), None),  # inputs not dense
                        (torch.zeros(0, 64, dtype=bf16), None),
-                       (torch.zeros(cpu_linear.SMALL_ROWS + 1, 64, dtype=bf16), None)):  # too many rows
+                       *[(torch.zeros(GEMM.gemm_max_rows + 1, 64, dtype=bf16), None)  # too many rows (AMX)
+                         for _ in range(GEMM.gemm_max_rows <= native.GEMM_MAX_ROWS)]):
         with pytest.raises(ValueError, match="small GEMM"):
             GEMM.gemm(rows, blocks, bias)
 
@@ -123,7 +146,10 @@ def test_with_the_kernel_turned_off_every_call_is_onednn(monkeypatch):
     x = torch.randn(3, 576).to(torch.bfloat16)
     expected = SGLANG.apply(method, layer, x)
     cpu_linear.after_weights_loaded(None, method, layer)
-    assert getattr(layer, cpu_linear.PACKED).blocks is None
+    if ONEDNN:
+        assert getattr(layer, cpu_linear.PACKED).blocks is None
+    else:  # nothing to pack for: the layer keeps its dense weight and SGLang's path
+        assert not hasattr(layer, cpu_linear.PACKED) and not layer.weight.is_meta
     assert torch.equal(cpu_linear.apply(SGLANG.apply, method, layer, x), expected)
 
 
@@ -132,14 +158,14 @@ def test_the_dense_weight_is_dropped_and_any_use_of_it_fails_loudly():
     layer = _layer(64, 32)
     cpu_linear.after_weights_loaded(None, method, layer)
     packed = getattr(layer, cpu_linear.PACKED)
-    assert packed.onednn.is_mkldnn and packed.out_features == 64
+    assert (packed.onednn.is_mkldnn if ONEDNN else packed.onednn is None) and packed.out_features == 64
     assert (packed.blocks is None) == isinstance(GEMM, str)
     assert "weight" not in dict(layer.named_parameters())
     with pytest.raises(AttributeError, match="weight"):
         SGLANG.apply(method, layer, torch.randn(2, 32).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("batch", [(2, 5), (4, 10)])  # 10 rows (the small-M kernel), 40 (oneDNN)
+@pytest.mark.parametrize("batch", [(2, 5), (4, 10)])  # 10 rows (the kernel), 40 (oneDNN, or the AVX2 kernel)
 def test_batched_inputs_and_apply_into(batch):
     method = UnquantizedLinearMethod()
     layer = _layer(96, 64, seed=3)
@@ -189,7 +215,8 @@ def test_lm_head_packed_on_first_use_gives_sglangs_logits():
         got = cpu_linear.lm_head(original, processor, hidden, head)
         _no_worse_than(got, expected, hidden, head.weight, None)  # 4 rows: the small-M kernel where it runs
     packed = getattr(head, cpu_linear.PACKED)
-    assert calls == [] and packed.onednn.is_mkldnn and (packed.blocks is None) == isinstance(GEMM, str)
+    assert calls == [] and (packed.blocks is None) == isinstance(GEMM, str)
+    assert packed.onednn.is_mkldnn if ONEDNN else packed.onednn is None
     assert not head.weight.is_meta  # tied to the token embedding: the dense weight stays
 
 

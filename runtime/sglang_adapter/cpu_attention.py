@@ -204,7 +204,7 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
                 extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa, causal=causal,
                 is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
         kernel = native.load()
-        if not isinstance(kernel, str) and kernel.takes(query, output, k_cache, v_cache):
+        if not isinstance(kernel, str) and kernel.takes_extend(query, output, k_cache, v_cache):
             key = (id(req_pool_indices), id(seq_lens), id(extend_seq_lens))
             if self._extends is None or self._extends[0] != key:  # once per step, not per layer
                 self._extends = (key, native.Extends.build(req_to_token, req_pool_indices, seq_lens, extend_seq_lens))

@@ -44,23 +44,32 @@ import torch
 from runtime.sglang_adapter import native
 
 PACKED = "_agent_runtime_packed_weight"
-SMALL_ROWS = native.GEMM_MAX_ROWS  # at most this many rows go to the small-M kernel
 
 
 @dataclass(frozen=True)
 class Packed:
-    """A weight [out, in] packed once: for oneDNN and, where the kernel runs, for small_gemm.c."""
+    """A weight [out, in] packed once: for oneDNN where it multiplies bf16 on this CPU, and for
+    small_gemm.c where the kernel runs (at least one of the two)."""
 
-    onednn: torch.Tensor
+    onednn: torch.Tensor | None  # None: oneDNN has no bf16 here, every call goes to the kernel
     blocks: torch.Tensor | None  # [out/16, in/2, 16, 2] bf16, or None: every call goes to oneDNN
 
     @property
     def out_features(self) -> int:
-        return int(self.onednn.shape[0])
+        return int(self.onednn.shape[0]) if self.onednn is not None else int(self.blocks.shape[0]) * 16  # type: ignore[union-attr]
 
 
 def available() -> bool:
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether linear layers can run packed in this process: oneDNN multiplies bf16 here, or the GEMM
+    kernel runs."""
+    return native.onednn_bf16() or not isinstance(native.load_gemm(), str)
+
+
+def kernel_rows() -> int:
+    """The most rows a call sends to the GEMM kernel (16 on AMX tiles; every call where oneDNN has no
+    bf16); 0 where the kernel does not run."""
+    kernel = native.load_gemm()
+    return 0 if isinstance(kernel, str) else kernel.gemm_max_rows
 
 
 def pack_blocks(weight: torch.Tensor) -> torch.Tensor | None:
@@ -78,14 +87,17 @@ def pack(weight: torch.Tensor) -> Packed | None:
         return None
     dense = weight.detach().contiguous()
     blocks = None if isinstance(native.load_gemm(), str) else pack_blocks(dense)
+    if not native.onednn_bf16():
+        return None if blocks is None else Packed(None, blocks)
     return Packed(torch.ops.mkldnn._reorder_linear_weight(dense), blocks)
 
 
 def matmul(rows: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None) -> torch.Tensor:
     """rows [n, in] (contiguous bf16) @ W^T (+ bias) -> [n, out]: the one GEMM call, no checks."""
-    if packed.blocks is not None and rows.shape[0] <= SMALL_ROWS and (bias is None or bias.dtype == torch.bfloat16):
+    if packed.onednn is None or (packed.blocks is not None and rows.shape[0] <= native.GEMM_MAX_ROWS
+                                 and (bias is None or bias.dtype == torch.bfloat16)):
         kernel = native.load_gemm()
-        if not isinstance(kernel, str):
+        if not isinstance(kernel, str) and packed.blocks is not None:
             return kernel.gemm(rows, packed.blocks, bias)
     return torch.ops.mkldnn._linear_pointwise(rows, packed.onednn, bias, "none", [], "")
 

@@ -30,7 +30,21 @@
 #define CHUNK 256
 #define BLOCK 16
 
-int agent_rt_abi_version(void) { return 4; }
+int agent_rt_abi_version(void) { return 5; }
+
+/* fp32 -> bf16, round to nearest even (what VCVTNEPS2BF16 gives for normal numbers); NaN stays NaN */
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Everything below needs AVX-512 BF16; a build without it (-march=native on an AVX2 CPU, where
+   small_gemm.c still builds) exports the same functions, which refuse every shape. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define HAVE_DECODE 1
+#define HAVE_EXTEND 1
 
 /* e^x for x <= 0 (lanes below -87 give about 1e-38). Cody-Waite reduction, degree-6 polynomial:
    about 1 ulp. */
@@ -161,20 +175,6 @@ static inline __attribute__((always_inline)) void attend_row(
         u[1] = l[g];
         for (int i = 0; i < AV; i++) _mm512_storeu_ps(u + 2 + i * 16, acc[g][i]);
     }
-}
-
-#define ROW_CASE(GG, DD)                                                                               \
-    if (G == GG && D == DD) {                                                                          \
-        attend_row(q, k_pool, v_pool, slot_stride, h, slots, n, scale, part, GG, DD, first_row);       \
-        return;                                                                                        \
-    }
-
-static void attend_row_any(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride,
-                           int64_t h, const int32_t *slots, int64_t n, float scale, float *part, int G, int D, int first_row) {
-    ROW_CASE(1, 64) ROW_CASE(2, 64) ROW_CASE(3, 64) ROW_CASE(4, 64)
-    ROW_CASE(5, 64) ROW_CASE(6, 64) ROW_CASE(7, 64) ROW_CASE(8, 64)
-    ROW_CASE(1, 128) ROW_CASE(2, 128) ROW_CASE(3, 128) ROW_CASE(4, 128)
-    ROW_CASE(5, 128) ROW_CASE(6, 128) ROW_CASE(7, 128) ROW_CASE(8, 128)
 }
 
 /* ---- Decode attention on AMX tiles --------------------------------------------------------------
@@ -408,6 +408,147 @@ static void extend_scores_amx(const uint32_t *qp, const uint32_t *kb, float *s, 
 static void extend_pv_amx(const uint32_t *pp, const uint32_t *vb, int dh, int D, float *t) {
     (void)pp, (void)vb, (void)dh, (void)D, (void)t;
 }
+#endif
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#define HAVE_DECODE 1
+
+/* ---- Decode attention on AVX2 ---------------------------------------------------------------------
+
+   For x86-64 CPUs with AVX2 and FMA but no AVX-512 BF16 (no bf16 dot products): the same tasks,
+   partials and merge, one row at a time. Per block of 8 keys the K and V rows are widened to fp32
+   once (a shift of each bf16) into a small buffer, then per query head: the 8 scores as 8 fp32 dot
+   products summed across lanes together, the online softmax, and the 8 keys' V rows added into the
+   head's fp32 accumulators. Prefetching as above. There is no extend kernel for these CPUs (extend
+   steps keep SDPA). */
+
+/* e^x for x <= 0 (lanes below -87 give about 1e-38), as exp512 */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* The 8 horizontal sums of t[0..7], in order, as one vector. */
+static inline __m256 hsum8(const __m256 *t) {
+    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
+    __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(t[4], t[5]), _mm256_hadd_ps(t[6], t[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+static inline float hadd8(__m256 v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+/* 8 bf16 -> 8 fp32 */
+static inline __m256 widen8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* As the AVX-512 attend_row: one query row's G heads of KV head h against keys slots[0..n) */
+static inline __attribute__((always_inline)) void attend_row(
+    const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h,
+    const int32_t *slots, int64_t n, float scale, float *part, const int G, const int DIM, int first_row) {
+    enum { KB8 = 8 };
+    const int DV = DIM / 8;
+    float qf[8][128] __attribute__((aligned(32))), kf[KB8][128] __attribute__((aligned(32)));
+    float vf[KB8][128] __attribute__((aligned(32))), p[KB8] __attribute__((aligned(32)));
+    float m[8], l[8];
+    for (int g = 0; g < G; g++) {
+        for (int i = 0; i < DV; i++) _mm256_store_ps(qf[g] + 8 * i, _mm256_mul_ps(widen8(q + g * DIM + 8 * i), _mm256_set1_ps(scale)));
+        for (int i = 0; i < DV; i++) _mm256_storeu_ps(part + g * (DIM + 2) + 2 + 8 * i, _mm256_setzero_ps());
+        m[g] = -FLT_MAX;
+        l[g] = 0;
+    }
+    for (int64_t b0 = 0; b0 < n; b0 += KB8) {
+        const int nb = n - b0 < KB8 ? (int)(n - b0) : KB8;
+        if (b0 + 2 * BLOCK < n && h == 0 && first_row && b0 % BLOCK == 0)
+            for (int j = BLOCK; j < 2 * BLOCK && b0 + BLOCK + j < n; j++) {
+                int64_t t = slots[b0 + BLOCK + j];
+                for (int64_t c = 0; c < slot_stride * 2; c += 64) {
+                    _mm_prefetch((const char *)(k_pool + t * slot_stride) + c, _MM_HINT_T1);
+                    _mm_prefetch((const char *)(v_pool + t * slot_stride) + c, _MM_HINT_T1);
+                }
+            }
+        for (int j = 0; j < KB8; j++) {
+            int64_t s = slots[b0 + (j < nb ? j : nb - 1)];
+            const uint16_t *kr = k_pool + s * slot_stride + h * DIM, *vr = v_pool + s * slot_stride + h * DIM;
+            for (int i = 0; i < DV; i++) {
+                _mm256_store_ps(kf[j] + 8 * i, widen8(kr + 8 * i));
+                _mm256_store_ps(vf[j] + 8 * i, widen8(vr + 8 * i));
+            }
+        }
+        const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+        for (int g = 0; g < G; g++) {
+            __m256 t[KB8];
+            for (int j = 0; j < KB8; j++) {
+                __m256 d = _mm256_mul_ps(_mm256_load_ps(qf[g]), _mm256_load_ps(kf[j]));
+                for (int i = 1; i < DV; i++) d = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + 8 * i), _mm256_load_ps(kf[j] + 8 * i), d);
+                t[j] = d;
+            }
+            __m256 sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), hsum8(t), valid);
+            float *acc = part + g * (DIM + 2) + 2;
+            float bm = hmax8(sc);
+            if (bm > m[g]) {
+                float alpha = expf(m[g] - bm);
+                m[g] = bm;
+                l[g] *= alpha;
+                for (int i = 0; i < DV; i++) _mm256_storeu_ps(acc + 8 * i, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), _mm256_set1_ps(alpha)));
+            }
+            __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m[g]))), valid);
+            l[g] += hadd8(e);
+            _mm256_store_ps(p, e);
+            for (int i = 0; i < DV; i++) {
+                __m256 a = _mm256_loadu_ps(acc + 8 * i);
+                for (int j = 0; j < nb; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_load_ps(vf[j] + 8 * i), a);
+                _mm256_storeu_ps(acc + 8 * i, a);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        part[g * (DIM + 2)] = m[g];
+        part[g * (DIM + 2) + 1] = l[g];
+    }
+}
+
+#endif
+
+#ifdef HAVE_DECODE
+
+#define ROW_CASE(GG, DD)                                                                               \
+    if (G == GG && D == DD) {                                                                          \
+        attend_row(q, k_pool, v_pool, slot_stride, h, slots, n, scale, part, GG, DD, first_row);       \
+        return;                                                                                        \
+    }
+
+static void attend_row_any(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride,
+                           int64_t h, const int32_t *slots, int64_t n, float scale, float *part, int G, int D, int first_row) {
+    ROW_CASE(1, 64) ROW_CASE(2, 64) ROW_CASE(3, 64) ROW_CASE(4, 64)
+    ROW_CASE(5, 64) ROW_CASE(6, 64) ROW_CASE(7, 64) ROW_CASE(8, 64)
+    ROW_CASE(1, 128) ROW_CASE(2, 128) ROW_CASE(3, 128) ROW_CASE(4, 128)
+    ROW_CASE(5, 128) ROW_CASE(6, 128) ROW_CASE(7, 128) ROW_CASE(8, 128)
+}
+
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(HAVE_EXTEND)
 static int tiles_on(void) { return 0; }
 static void amx_configure(void) {}
 static void amx_release(void) {}
@@ -508,9 +649,7 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
             const float *s = state + (r * heads + hq) * (D + 2);
             float inv = s[1] > 0 ? 1.0f / s[1] : 0.0f;
             uint16_t *o = out + r * out_stride + hq * D;
-            for (int64_t d = 0; d < D; d += 16)
-                _mm256_storeu_si256((__m256i *)(o + d),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(s + 2 + d), _mm512_set1_ps(inv))));
+            for (int64_t d = 0; d < D; d++) o[d] = bf16_round(s[2 + d] * inv);
         }
     free(state);
     free(part);
@@ -518,6 +657,10 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
     return 0;
 }
 
+
+#endif /* HAVE_DECODE */
+
+#ifdef HAVE_EXTEND
 
 /* ---- Extend (prefill) attention ----------------------------------------------------------------
 
@@ -744,3 +887,37 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
     free(pack_at);
     return 0;
 }
+
+int agent_rt_extend_ready(void) { return 1; }
+
+#else /* no AVX-512 BF16 in this build: no extend kernel */
+
+int agent_rt_extend_ready(void) { return 0; }
+
+int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_pool, const uint16_t *v_pool,
+                              int64_t slot_stride, const int32_t *slots, const int64_t *slot_start, const int64_t *n_new,
+                              const int64_t *q_row, int64_t R, int64_t H, int64_t G, int64_t D, float scale,
+                              uint16_t *out, int64_t out_stride) {
+    (void)q, (void)q_stride, (void)k_pool, (void)v_pool, (void)slot_stride, (void)slots, (void)slot_start, (void)n_new;
+    (void)q_row, (void)R, (void)H, (void)G, (void)D, (void)scale, (void)out, (void)out_stride;
+    return -2;
+}
+
+#endif /* HAVE_EXTEND */
+
+#ifndef HAVE_DECODE /* neither AVX-512 BF16 nor AVX2 in this build */
+
+int agent_rt_attention_amx(int want) { (void)want; return 0; }
+
+int agent_rt_supports(int64_t G, int64_t D) { (void)G, (void)D; return 0; }
+
+int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k_pool, const uint16_t *v_pool,
+                              int64_t slot_stride, const int32_t *slots, const int64_t *key_start,
+                              const int32_t *rows, const int64_t *row_start, int64_t L, int64_t batch, int64_t H,
+                              int64_t G, int64_t D, float scale, uint16_t *out, int64_t out_stride) {
+    (void)q, (void)q_stride, (void)k_pool, (void)v_pool, (void)slot_stride, (void)slots, (void)key_start, (void)rows;
+    (void)row_start, (void)L, (void)batch, (void)H, (void)G, (void)D, (void)scale, (void)out, (void)out_stride;
+    return -2;
+}
+
+#endif

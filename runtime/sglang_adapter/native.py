@@ -1,5 +1,5 @@
 """The compiled CPU kernels (decode_attention.c: attention of decode and extend steps; small_gemm.c:
-the linear layers of decode steps): built on first use into one library, loaded by ctypes.
+the linear layers of decode steps, of every step on AVX2 hosts): built on first use into one library, loaded by ctypes.
 
 A CPU decode step's attention reads every request's K and V once per layer. PyTorch's SDPA
 needs them gathered out of the paged pool into dense tensors first (own parts padded to the
@@ -20,11 +20,16 @@ the source, the compiler, the flags and the CPU's feature flags, so a second sta
 once. OpenMP: the library links libgomp by its soname, so in a process that has imported torch
 it shares torch's own OpenMP runtime and thread pool.
 
-It needs an x86-64 CPU with AVX-512 BF16 (bf16 dot products); without one or without a compiler,
+The attention kernels need an x86-64 CPU with AVX-512 BF16 (bf16 dot products). The GEMM runs on
+AMX tiles where the CPU has them; on a CPU with AVX2 and FMA but neither AMX nor the AVX-512 that
+oneDNN's bf16 GEMMs need (an AMD EPYC of the Zen 3 generation, say), it runs on AVX2 FMAs for any
+number of rows, prefills included: there PyTorch multiplies bf16 with a slow generic loop
+(docs/BENCHMARKS.md, "AVX2 hosts"). The library builds from both sources on any CPU with AVX2 and
+FMA; what the CPU lacks compiles to functions that refuse every call. Where a kernel cannot run,
 `load()` (attention) and `load_gemm()` (linear layers) say why, and the attention backend keeps
-PyTorch's SDPA, the linear layers oneDNN. INFERENCE_CPU_ATTENTION_KERNEL=false
-(AGENT_RUNTIME_CPU_ATTENTION_KERNEL=sdpa here) and INFERENCE_CPU_GEMM_KERNEL=false
-(AGENT_RUNTIME_CPU_GEMM_KERNEL=onednn) turn each use off.
+PyTorch's SDPA, the linear layers oneDNN (or SGLang's own path where oneDNN has no bf16).
+INFERENCE_CPU_ATTENTION_KERNEL=false (AGENT_RUNTIME_CPU_ATTENTION_KERNEL=sdpa here) and
+INFERENCE_CPU_GEMM_KERNEL=false (AGENT_RUNTIME_CPU_GEMM_KERNEL=onednn) turn each use off.
 """
 
 from __future__ import annotations
@@ -52,10 +57,11 @@ GEMM_ENV = "AGENT_RUNTIME_CPU_GEMM_KERNEL"  # "native" (default) or "onednn"; se
 TILES_ENV = "AGENT_RUNTIME_CPU_ATTENTION_TILES"
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("decode_attention.c", "small_gemm.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names
-ABI_VERSION = 4
-GEMM_CPU_FEATURES = ("amx_tile", "amx_bf16")
-GEMM_MAX_ROWS = 16
+CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names: the attention kernels
+ABI_VERSION = 5
+GEMM_CPU_FEATURES = ("amx_tile", "amx_bf16")  # the GEMM on AMX tiles
+BUILD_CPU_FEATURES = ("avx2", "fma")  # the library at all, and the GEMM on AVX2 where oneDNN has no bf16
+GEMM_MAX_ROWS = 16  # on AMX tiles; the AVX2 GEMM takes any number
 BUILD_TIMEOUT_S = 300
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -132,6 +138,9 @@ class Kernel:
         self._gemm_ready.restype = ctypes.c_int
         self._attention_amx = lib.agent_rt_attention_amx
         self._attention_amx.argtypes, self._attention_amx.restype = [ctypes.c_int], ctypes.c_int
+        self.gemm_max_rows = int(lib.agent_rt_gemm_max_rows())
+        # the extend kernel needs AVX-512 BF16; on AVX2 only decode steps run here, extends keep SDPA
+        self.extend_ready = bool(lib.agent_rt_extend_ready())
         self.calls = 0
         self.extend_calls = 0
         self.gemm_calls = 0
@@ -150,6 +159,10 @@ class Kernel:
                 and heads % kv_heads == 0 and bool(self._supports(heads // kv_heads, dim))
                 and q.stride()[1:] == (dim, 1) and out.stride()[1:] == (dim, 1)
                 and k_cache.stride() == v_cache.stride() and k_cache.stride()[1:] == (dim, 1))
+
+    def takes_extend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+        """Whether the extend kernel runs here and computes on these tensors (as takes())."""
+        return self.extend_ready and self.takes(q, out, k_cache, v_cache)
 
     def attend(self, q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                lists: Lists, scale: float) -> torch.Tensor:
@@ -187,16 +200,16 @@ class Kernel:
         return bool(self._attention_amx(-1 if want is None else int(want)))
 
     def gemm_ready(self) -> bool:
-        """Whether this process can run the small-M GEMM: the library was built for AMX and the OS
-        grants this process the tile state (asked once)."""
+        """Whether this process can run the GEMM: the library was built for AMX and the OS grants this
+        process the tile state (asked once), or it was built for AVX2 without AMX."""
         return bool(self._gemm_ready())
 
     def gemm(self, rows: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """rows [m, k] (bf16, 1 <= m <= GEMM_MAX_ROWS, inputs dense) @ W^T (+ bias) -> new [m, n] bf16,
+        """rows [m, k] (bf16, 1 <= m <= gemm_max_rows, inputs dense) @ W^T (+ bias) -> new [m, n] bf16,
         W packed as cpu_linear.pack_blocks does: blocks [n/16, k/2, 16, 2] bf16, k a multiple of 32."""
         m, k = rows.shape
         n = blocks.shape[0] * 16
-        if (rows.dtype != torch.bfloat16 or rows.stride(1) != 1 or not 1 <= m <= GEMM_MAX_ROWS
+        if (rows.dtype != torch.bfloat16 or rows.stride(1) != 1 or not 1 <= m <= self.gemm_max_rows
                 or blocks.dtype != torch.bfloat16 or not blocks.is_contiguous()
                 or tuple(blocks.shape[1:]) != (k // 2, 16, 2) or k % 32
                 or (bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (n,) or not bias.is_contiguous()))):
@@ -272,13 +285,27 @@ def load_gemm() -> Kernel | str:
     """The kernels for decode steps' linear layers, or why this process keeps oneDNN for them."""
     if os.environ.get(GEMM_ENV, "native") == "onednn":
         return "turned off (INFERENCE_CPU_GEMM_KERNEL=false)"
-    missing = [f for f in GEMM_CPU_FEATURES if f not in _cpu_flags()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)} (Intel AMX)"
+    flags = _cpu_flags()
+    amx = all(f in flags for f in GEMM_CPU_FEATURES)
+    if not amx and onednn_bf16():
+        return "the CPU has no Intel AMX, and oneDNN multiplies bf16 on it"
     kernel = _library()
     if not isinstance(kernel, str) and not kernel.gemm_ready():
         return "the OS does not grant this process AMX tiles, or the library was built without them"
     return kernel
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN multiplies bf16 on this CPU (PyTorch's mkldnn bf16 linears need AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT); asked once, by packing a small weight."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 32, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
 
 
 _OPENED: dict[Path, Kernel] = {}  # one Kernel (and its call counts) per library file
@@ -288,7 +315,7 @@ def _library() -> Kernel | str:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"needs x86-64 (this is {platform.machine()})"
     flags = _cpu_flags()
-    missing = [f for f in CPU_FEATURES if f not in flags]
+    missing = [f for f in BUILD_CPU_FEATURES if f not in flags]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -305,13 +332,13 @@ def _library() -> Kernel | str:
 
 
 def report() -> dict[str, object]:
-    """For the scheduler's internal state: whether attention runs the kernel, its calls, and whether on
-    AMX tiles."""
+    """For the scheduler's internal state: whether attention runs the kernel, its calls, whether extends
+    run it too, and whether on AMX tiles."""
     kernel = load()
     if isinstance(kernel, str):
-        return {"runs": False, "reason": kernel, "calls": 0, "extend_calls": 0, "amx": False}
+        return {"runs": False, "reason": kernel, "calls": 0, "extend_calls": 0, "extend": False, "amx": False}
     return {"runs": True, "reason": "", "calls": kernel.calls, "extend_calls": kernel.extend_calls,
-            "amx": kernel.attention_amx()}
+            "extend": kernel.extend_ready, "amx": kernel.attention_amx()}
 
 
 def gemm_report() -> dict[str, object]:

@@ -101,9 +101,109 @@ int agent_rt_small_gemm(const uint16_t *a, int64_t m, int64_t lda, const uint16_
     return 0;
 }
 
-#else /* no AMX in this build */
+int agent_rt_gemm_max_rows(void) { return 16; }
+
+#elif defined(__AVX2__) && defined(__FMA__) /* no AMX: fp32 FMAs on AVX2 */
+
+/* The same packed weight, any number of rows: each 32-bit lane of a weight line holds one column's
+   bf16 pair (k, k + 1), so a shift and a mask widen 8 columns' pair to two fp32 vectors, and the
+   rows' inputs (widened to fp32 once per call) are broadcast against them. A pass takes one block
+   of 16 columns and up to RB rows: 2 accumulators per row, 4 widened weight vectors, 2 broadcasts,
+   within AVX2's 16 registers. The tasks are blocks of columns, in order, split evenly between the
+   OpenMP threads; a block's weight (16 columns x k, 18-48 KB on the default model) is read from
+   memory by its first pass and from cache by the passes of the other rows. Sums are fp32 in
+   k order pairs, the output rounded to bf16 (round to nearest even). */
+
+#include <immintrin.h>
+#include <stdlib.h>
+
+#define RB 4 /* rows per pass */
+
+int agent_rt_small_gemm_ready(void) { return 1; }
+
+int agent_rt_gemm_max_rows(void) { return 1 << 30; }
+
+static inline __m256 bf16_lo(__m256i w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
+static inline __m256 bf16_hi(__m256i w) { return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u))); }
+
+/* 8 fp32 -> 8 bf16, round to nearest even */
+static inline __m128i to_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+}
+
+/* rows x[0..R) (fp32, ldx apart) against one block w ([k2][16] bf16 pairs): out[r][16] fp32 */
+static inline __attribute__((always_inline)) void block_pass(const float *x, int64_t ldx, const uint32_t *w, int64_t k2,
+                                                              float *out, const int R) {
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t kk = 0; kk < k2; kk++) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + kk * 16)), w1 = _mm256_loadu_si256((const __m256i *)(w + kk * 16 + 8));
+        __m256 a0 = bf16_lo(w0), b0 = bf16_hi(w0), a1 = bf16_lo(w1), b1 = bf16_hi(w1);
+        for (int r = 0; r < R; r++) {
+            __m256 x0 = _mm256_broadcast_ss(x + r * ldx + 2 * kk), x1 = _mm256_broadcast_ss(x + r * ldx + 2 * kk + 1);
+            acc[r][0] = _mm256_fmadd_ps(b0, x1, _mm256_fmadd_ps(a0, x0, acc[r][0]));
+            acc[r][1] = _mm256_fmadd_ps(b1, x1, _mm256_fmadd_ps(a1, x0, acc[r][1]));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(out + r * 16, acc[r][0]);
+        _mm256_storeu_ps(out + r * 16 + 8, acc[r][1]);
+    }
+}
+
+static void pass_any(const float *x, int64_t ldx, const uint32_t *w, int64_t k2, float *out, int R) {
+    switch (R) {
+    case 1: block_pass(x, ldx, w, k2, out, 1); break;
+    case 2: block_pass(x, ldx, w, k2, out, 2); break;
+    case 3: block_pass(x, ldx, w, k2, out, 3); break;
+    default: block_pass(x, ldx, w, k2, out, 4); break;
+    }
+}
+
+int agent_rt_small_gemm(const uint16_t *a, int64_t m, int64_t lda, const uint16_t *p, int64_t n, int64_t k,
+                        const uint16_t *bias, uint16_t *c, int64_t ldc) {
+    if (m < 1 || n % 16 || k % 32) return 1;
+    float *x = malloc(sizeof(float) * (size_t)(m * k));
+    if (!x) return 2;
+    const int64_t k2 = k / 2, blocks = n / 16;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < k; j += 8)
+                _mm256_storeu_ps(x + i * k + j, _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(a + i * lda + j))), 16)));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint32_t *w = (const uint32_t *)p + b * k2 * 16;
+            __m256 bv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            if (bias)
+                for (int h = 0; h < 2; h++)
+                    bv[h] = _mm256_castsi256_ps(_mm256_slli_epi32(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(bias + b * 16 + h * 8))), 16));
+            for (int64_t r0 = 0; r0 < m; r0 += RB) {
+                float out[RB * 16];
+                const int R = m - r0 < RB ? (int)(m - r0) : RB;
+                pass_any(x + r0 * k, k, w, k2, out, R);
+                for (int r = 0; r < R; r++)
+                    for (int h = 0; h < 2; h++)
+                        _mm_storeu_si128((__m128i *)(c + (r0 + r) * ldc + b * 16 + h * 8),
+                                         to_bf16(_mm256_add_ps(_mm256_loadu_ps(out + r * 16 + h * 8), bv[h])));
+            }
+        }
+    }
+    free(x);
+    return 0;
+}
+
+#else /* neither AMX nor AVX2 in this build */
 
 int agent_rt_small_gemm_ready(void) { return 0; }
+
+int agent_rt_gemm_max_rows(void) { return 0; }
 
 int agent_rt_small_gemm(const uint16_t *a, int64_t m, int64_t lda, const uint16_t *p, int64_t n, int64_t k,
                         const uint16_t *bias, uint16_t *c, int64_t ldc) {
