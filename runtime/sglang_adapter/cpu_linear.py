@@ -20,8 +20,8 @@ The plugin (runtime.sglang_adapter.plugin) installs these hooks in a CPU engine'
 - the logits processor's lm_head runs a packed copy of the head, made on its first call (the
   head is usually tied to the token embedding, which keeps its dense weight).
 
-A layer whose weight is not a 2-D bf16 CPU tensor keeps SGLang's path. Where oneDNN is not
-available the hooks are not installed.
+A layer whose weight is not a 2-D bf16 CPU tensor keeps SGLang's path. Where neither oneDNN's bf16
+GEMM nor the GEMM kernel below runs, the hooks are not installed.
 
 Decode steps multiply only a few rows (one per request) by each weight, and then the cost is reading
 the weights: on an Intel Xeon host with AMX (2 cores) oneDNN read them at 10-13 GB/s, where a plain
@@ -32,6 +32,13 @@ small_gemm.c, which multiplies up to SMALL_ROWS rows at 17-22 GB/s; more rows (p
 oneDNN. That is a second copy of the weights (270 MB for the default model). The kernel's sums
 can differ from oneDNN's in the last bf16 bit (on the model's shapes they were bit-identical);
 tests/test_cpu_linear.py holds both to the same bound against float64.
+
+On a CPU with AVX2 and FMA but no AVX-512 or AMX (an AMD EPYC of the Zen 3 generation, say),
+oneDNN has no bf16 GEMM (PyTorch refuses to reorder a bf16 weight there) and F.linear on bf16 runs
+a generic loop several times slower than fp32. There every weight whose shape divides is packed
+only for small_gemm.c, which runs every call on AVX2 FMAs (`Packed.onednn` is None), prefills
+included (docs/BENCHMARKS.md, "eighth round"); a weight whose shape does not divide keeps its
+dense copy and SGLang's path.
 """
 
 from __future__ import annotations

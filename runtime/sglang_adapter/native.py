@@ -24,7 +24,7 @@ The attention kernels need an x86-64 CPU with AVX-512 BF16 (bf16 dot products). 
 AMX tiles where the CPU has them; on a CPU with AVX2 and FMA but neither AMX nor the AVX-512 that
 oneDNN's bf16 GEMMs need (an AMD EPYC of the Zen 3 generation, say), it runs on AVX2 FMAs for any
 number of rows, prefills included: there PyTorch multiplies bf16 with a slow generic loop
-(docs/BENCHMARKS.md, "AVX2 hosts"). The library builds from both sources on any CPU with AVX2 and
+(docs/BENCHMARKS.md, "eighth round"). The library builds from both sources on any CPU with AVX2 and
 FMA; what the CPU lacks compiles to functions that refuse every call. Where a kernel cannot run,
 `load()` (attention) and `load_gemm()` (linear layers) say why, and the attention backend keeps
 PyTorch's SDPA, the linear layers oneDNN (or SGLang's own path where oneDNN has no bf16).

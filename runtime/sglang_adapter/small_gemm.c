@@ -1,4 +1,5 @@
-/* Small-M bf16 GEMM on Intel AMX: the linear layers of a CPU decode step.
+/* bf16 GEMM over packed weights: on Intel AMX the linear layers of a CPU decode step (up to 16
+   rows); on CPUs with AVX2 but neither AMX nor oneDNN's bf16 GEMMs, every linear layer (below).
 
    A decode step multiplies a few rows (one per request in the batch) by each weight of the model:
    the cost is reading the weights, 270 MB per step for the default model. oneDNN's packed GEMMs
@@ -16,9 +17,11 @@
    - the tasks, in column order, are split evenly between the OpenMP threads, so each thread
      streams one contiguous part of the packed weight, once.
 
-   Built only where the compiler targets AMX (-march=native on such a CPU); used only where the
-   kernel also grants this process the tile state (arch_prctl), else agent_rt_small_gemm_ready()
-   says 0 and the caller keeps oneDNN. */
+   The AMX path is built only where the compiler targets AMX (-march=native on such a CPU) and used
+   only where the kernel also grants this process the tile state (arch_prctl), else
+   agent_rt_small_gemm_ready() says 0 and the caller keeps oneDNN. Built without AMX but with AVX2
+   and FMA, the same function runs on fp32 FMAs for any number of rows (agent_rt_gemm_max_rows());
+   runtime/sglang_adapter/native.py uses it only where oneDNN has no bf16 GEMM. */
 
 #include <stdint.h>
 
