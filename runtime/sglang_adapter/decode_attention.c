@@ -29,6 +29,7 @@
 
 #define CHUNK 256
 #define BLOCK 16
+#define ROWS_AT_ONCE 8 /* rows of a list attended in one pass over its keys (the AVX2 path shares the widened K and V) */
 
 int agent_rt_abi_version(void) { return 5; }
 
@@ -175,6 +176,15 @@ static inline __attribute__((always_inline)) void attend_row(
         u[1] = l[g];
         for (int i = 0; i < AV; i++) _mm512_storeu_ps(u + 2 + i * 16, acc[g][i]);
     }
+}
+
+/* R rows one after the other (qs[r]: row r's G query heads; its partials at part + r * rstride);
+   the first of a list's rows prefetches */
+static inline __attribute__((always_inline)) void attend_rows(
+    const uint16_t *const *qs, int R, const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h,
+    const int32_t *slots, int64_t n, float scale, float *part, int64_t rstride, const int G, const int DIM, int first_row) {
+    for (int r = 0; r < R; r++)
+        attend_row(qs[r], k_pool, v_pool, slot_stride, h, slots, n, scale, part + r * rstride, G, DIM, first_row && r == 0);
 }
 
 /* ---- Decode attention on AMX tiles --------------------------------------------------------------
@@ -416,11 +426,12 @@ static void extend_pv_amx(const uint32_t *pp, const uint32_t *vb, int dh, int D,
 /* ---- Decode attention on AVX2 ---------------------------------------------------------------------
 
    For x86-64 CPUs with AVX2 and FMA but no AVX-512 BF16 (no bf16 dot products): the same tasks,
-   partials and merge, one row at a time. Per block of 8 keys the K and V rows are widened to fp32
-   once (a shift of each bf16) into a small buffer, then per query head: the 8 scores as 8 fp32 dot
-   products summed across lanes together, the online softmax, and the 8 keys' V rows added into the
-   head's fp32 accumulators. Prefetching as above. There is no extend kernel for these CPUs (extend
-   steps keep SDPA). */
+   partials and merge, up to ROWS_AT_ONCE rows of a list per pass. Per block of 8 keys the K and V
+   rows are widened to fp32 once (a shift of each bf16) into a small buffer, for all the pass's
+   rows, then per row and query head: the 8 scores as 8 fp32 dot products summed across lanes
+   together, the online softmax, and the 8 keys' V rows added into the head's fp32 accumulators.
+   Prefetching as above. There is no extend kernel for these CPUs (extend steps keep SDPA; an fp32
+   port ran at SDPA's speed: docs/BENCHMARKS.md, "eighth round"). */
 
 /* e^x for x <= 0 (lanes below -87 give about 1e-38), as exp512 */
 static inline __m256 exp256(__m256 x) {
@@ -464,20 +475,23 @@ static inline __m256 widen8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-/* As the AVX-512 attend_row: one query row's G heads of KV head h against keys slots[0..n) */
-static inline __attribute__((always_inline)) void attend_row(
-    const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h,
-    const int32_t *slots, int64_t n, float scale, float *part, const int G, const int DIM, int first_row) {
+/* As the AVX-512 attend_row, for R rows at once (qs[r]: row r's G query heads of KV head h; its
+   partials at part + r * rstride): each block's K and V rows are widened once for all of them, so
+   the rows of a shared prefix share that work and the reads. */
+static inline __attribute__((always_inline)) void attend_rows(
+    const uint16_t *const *qs, int R, const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h,
+    const int32_t *slots, int64_t n, float scale, float *part, int64_t rstride, const int G, const int DIM, int first_row) {
     enum { KB8 = 8 };
     const int DV = DIM / 8;
-    float qf[8][128] __attribute__((aligned(32))), kf[KB8][128] __attribute__((aligned(32)));
+    float qf[ROWS_AT_ONCE * 8][128] __attribute__((aligned(32))), kf[KB8][128] __attribute__((aligned(32)));
     float vf[KB8][128] __attribute__((aligned(32))), p[KB8] __attribute__((aligned(32)));
-    float m[8], l[8];
-    for (int g = 0; g < G; g++) {
-        for (int i = 0; i < DV; i++) _mm256_store_ps(qf[g] + 8 * i, _mm256_mul_ps(widen8(q + g * DIM + 8 * i), _mm256_set1_ps(scale)));
-        for (int i = 0; i < DV; i++) _mm256_storeu_ps(part + g * (DIM + 2) + 2 + 8 * i, _mm256_setzero_ps());
-        m[g] = -FLT_MAX;
-        l[g] = 0;
+    float m[ROWS_AT_ONCE * 8], l[ROWS_AT_ONCE * 8];
+    for (int x = 0; x < R * G; x++) {
+        const int r = x / G, g = x % G;
+        for (int i = 0; i < DV; i++) _mm256_store_ps(qf[x] + 8 * i, _mm256_mul_ps(widen8(qs[r] + g * DIM + 8 * i), _mm256_set1_ps(scale)));
+        for (int i = 0; i < DV; i++) _mm256_storeu_ps(part + r * rstride + g * (DIM + 2) + 2 + 8 * i, _mm256_setzero_ps());
+        m[x] = -FLT_MAX;
+        l[x] = 0;
     }
     for (int64_t b0 = 0; b0 < n; b0 += KB8) {
         const int nb = n - b0 < KB8 ? (int)(n - b0) : KB8;
@@ -498,24 +512,24 @@ static inline __attribute__((always_inline)) void attend_row(
             }
         }
         const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-        for (int g = 0; g < G; g++) {
+        for (int x = 0; x < R * G; x++) {
             __m256 t[KB8];
             for (int j = 0; j < KB8; j++) {
-                __m256 d = _mm256_mul_ps(_mm256_load_ps(qf[g]), _mm256_load_ps(kf[j]));
-                for (int i = 1; i < DV; i++) d = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + 8 * i), _mm256_load_ps(kf[j] + 8 * i), d);
+                __m256 d = _mm256_mul_ps(_mm256_load_ps(qf[x]), _mm256_load_ps(kf[j]));
+                for (int i = 1; i < DV; i++) d = _mm256_fmadd_ps(_mm256_load_ps(qf[x] + 8 * i), _mm256_load_ps(kf[j] + 8 * i), d);
                 t[j] = d;
             }
             __m256 sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), hsum8(t), valid);
-            float *acc = part + g * (DIM + 2) + 2;
+            float *acc = part + (x / G) * rstride + (x % G) * (DIM + 2) + 2;
             float bm = hmax8(sc);
-            if (bm > m[g]) {
-                float alpha = expf(m[g] - bm);
-                m[g] = bm;
-                l[g] *= alpha;
+            if (bm > m[x]) {
+                float alpha = expf(m[x] - bm);
+                m[x] = bm;
+                l[x] *= alpha;
                 for (int i = 0; i < DV; i++) _mm256_storeu_ps(acc + 8 * i, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), _mm256_set1_ps(alpha)));
             }
-            __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m[g]))), valid);
-            l[g] += hadd8(e);
+            __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m[x]))), valid);
+            l[x] += hadd8(e);
             _mm256_store_ps(p, e);
             for (int i = 0; i < DV; i++) {
                 __m256 a = _mm256_loadu_ps(acc + 8 * i);
@@ -524,9 +538,9 @@ static inline __attribute__((always_inline)) void attend_row(
             }
         }
     }
-    for (int g = 0; g < G; g++) {
-        part[g * (DIM + 2)] = m[g];
-        part[g * (DIM + 2) + 1] = l[g];
+    for (int x = 0; x < R * G; x++) {
+        part[(x / G) * rstride + (x % G) * (DIM + 2)] = m[x];
+        part[(x / G) * rstride + (x % G) * (DIM + 2) + 1] = l[x];
     }
 }
 
@@ -536,12 +550,14 @@ static inline __attribute__((always_inline)) void attend_row(
 
 #define ROW_CASE(GG, DD)                                                                               \
     if (G == GG && D == DD) {                                                                          \
-        attend_row(q, k_pool, v_pool, slot_stride, h, slots, n, scale, part, GG, DD, first_row);       \
+        attend_rows(qs, R, k_pool, v_pool, slot_stride, h, slots, n, scale, part, rstride, GG, DD, first_row); \
         return;                                                                                        \
     }
 
-static void attend_row_any(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride,
-                           int64_t h, const int32_t *slots, int64_t n, float scale, float *part, int G, int D, int first_row) {
+/* Rows qs[0..R) of one list (at most ROWS_AT_ONCE) against its keys slots[0..n), KV head h */
+static void attend_rows_any(const uint16_t *const *qs, int R, const uint16_t *k_pool, const uint16_t *v_pool,
+                            int64_t slot_stride, int64_t h, const int32_t *slots, int64_t n, float scale, float *part,
+                            int64_t rstride, int G, int D, int first_row) {
     ROW_CASE(1, 64) ROW_CASE(2, 64) ROW_CASE(3, 64) ROW_CASE(4, 64)
     ROW_CASE(5, 64) ROW_CASE(6, 64) ROW_CASE(7, 64) ROW_CASE(8, 64)
     ROW_CASE(1, 128) ROW_CASE(2, 128) ROW_CASE(3, 128) ROW_CASE(4, 128)
@@ -619,9 +635,13 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
                 continue;
             }
             for (int64_t h = 0; h < H; h++)
-                for (int64_t r = 0; r < nr; r++)
-                    attend_row_any(q + rows[row_start[l] + r] * q_stride + h * G * D, k_pool, v_pool, slot_stride, h,
-                                   slots + k0, k1 - k0, scale, u + (r * H + h) * G * (D + 2), (int)G, (int)D, r == 0);
+                for (int64_t r0 = 0; r0 < nr; r0 += ROWS_AT_ONCE) {
+                    const uint16_t *qs[ROWS_AT_ONCE];
+                    const int R = nr - r0 < ROWS_AT_ONCE ? (int)(nr - r0) : ROWS_AT_ONCE;
+                    for (int r = 0; r < R; r++) qs[r] = q + rows[row_start[l] + r0 + r] * q_stride + h * G * D;
+                    attend_rows_any(qs, R, k_pool, v_pool, slot_stride, h, slots + k0, k1 - k0, scale,
+                                    u + (r0 * H + h) * G * (D + 2), H * G * (D + 2), (int)G, (int)D, r0 == 0);
+                }
         }
         if (amx) amx_release();
     }
