@@ -122,6 +122,21 @@ def test_the_avx2_gemm_takes_prefills_too(rows):
 
 
 @needs_gemm
+def test_small_gemm_kernel_keeps_a_nan_in_its_row():
+    # a NaN input makes its row's outputs NaN (rounded to bf16 as NaN, not to an infinity or a
+    # zero) and leaves the other rows as they were
+    g = torch.Generator().manual_seed(5)
+    dense = torch.randn(32, 64, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    blocks = cpu_linear.pack_blocks(dense)
+    assert blocks is not None and not isinstance(GEMM, str)
+    clean = GEMM.gemm(x, blocks)
+    x[1, 5] = float("nan")
+    got = GEMM.gemm(x, blocks)
+    assert bool(got[1].isnan().all()) and torch.equal(got[0::2], clean[0::2])
+
+
+@needs_gemm
 def test_small_gemm_kernel_refuses_what_it_does_not_compute():
     blocks = cpu_linear.pack_blocks(torch.zeros(32, 64, dtype=torch.bfloat16))
     assert blocks is not None and cpu_linear.pack_blocks(torch.zeros(24, 64, dtype=torch.bfloat16)) is None

@@ -25,16 +25,16 @@ contiguous run, else gathered once for the group, not once per request) and one 
 against each request's own tokens (padded, masked), and merges the two by their log-sum-exp.
 Requests that share no prefix long enough (MIN_SHARED_PREFIX) are decoded one by one as before.
 
-Where the compiled kernel is available (runtime.sglang_adapter.native: AVX-512 BF16, a C compiler;
-bf16 model, head dim 64 or 128), a decode step's attention is one call per layer for the whole
-batch instead: the same grouping, as lists of slots (each shared prefix once, attended by all its
-requests; each request's own tokens), read from the pool in place. It is 3-10x faster than the
-SDPA calls on the benchmark's shapes and closer to a float64 reference (docs/BENCHMARKS.md). An
-extend step's attention is then one call per layer too: each request's new rows against its
-context's keys, causal, read from the pool (2-3x faster than the SDPA calls; a turn's prefill after
-a cached prefix 1.7-2.3x faster end to end). Its rows depend only on their queries and the keys up
-to their positions: a prompt's prefill gives the same result however much of it was cached and
-whatever else was in the step.
+Where the compiled kernel is available (runtime.sglang_adapter.native: AVX-512 BF16, or AVX2 and FMA
+for decode steps only; a C compiler; bf16 model, head dim 64 or 128), a decode step's attention is
+one call per layer for the whole batch instead: the same grouping, as lists of slots (each shared
+prefix once, attended by all its requests; each request's own tokens), read from the pool in place.
+It is 3-10x faster than the SDPA calls on the benchmark's shapes and closer to a float64 reference
+(docs/BENCHMARKS.md). An extend step's attention is then one call per layer too: each request's new
+rows against its context's keys, causal, read from the pool (2-3x faster than the SDPA calls; a
+turn's prefill after a cached prefix 1.7-2.3x faster end to end). Its rows depend only on their
+queries and the keys up to their positions: a prompt's prefill gives the same result however much of
+it was cached and whatever else was in the step.
 
 Anything else (sliding windows, cross-attention, encoder-only layers, encoder lengths) goes to
 SGLang's implementation unchanged. The backend is installed by runtime.sglang_adapter.plugin in the

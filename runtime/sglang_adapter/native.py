@@ -20,7 +20,8 @@ the source, the compiler, the flags and the CPU's feature flags, so a second sta
 once. OpenMP: the library links libgomp by its soname, so in a process that has imported torch
 it shares torch's own OpenMP runtime and thread pool.
 
-The attention kernels need an x86-64 CPU with AVX-512 BF16 (bf16 dot products). The GEMM runs on
+The attention kernels need an x86-64 CPU with AVX-512 BF16 (bf16 dot products); on one with only
+AVX2 and FMA, decode steps' attention runs on fp32 FMAs and extends keep SDPA. The GEMM runs on
 AMX tiles where the CPU has them; on a CPU with AVX2 and FMA but neither AMX nor the AVX-512 that
 oneDNN's bf16 GEMMs need (an AMD EPYC of the Zen 3 generation, say), it runs on AVX2 FMAs for any
 number of rows, prefills included: there PyTorch multiplies bf16 with a slow generic loop
@@ -217,6 +218,8 @@ class Kernel:
         out = torch.empty(m, n, dtype=torch.bfloat16)
         rc = self._gemm(rows.data_ptr(), m, rows.stride(0), blocks.data_ptr(), n, k,
                         None if bias is None else bias.data_ptr(), out.data_ptr(), n)
+        if rc == 2:
+            raise MemoryError("small GEMM: out of memory")
         if rc != 0:
             raise ValueError(f"small GEMM: shape refused ({m} x {k} by {n})")
         self.gemm_calls += 1

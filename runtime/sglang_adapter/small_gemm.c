@@ -115,8 +115,8 @@ int agent_rt_gemm_max_rows(void) { return 16; }
    within AVX2's 16 registers. The tasks are blocks of columns, in order, split evenly between the
    OpenMP threads; a block's weight (16 columns x k, 18-48 KB on the default model) is read from
    memory by its first pass (prefetched 2 KB ahead: 5-15% faster at 1-8 rows) and from cache by the
-   passes of the other rows. Sums are fp32 in
-   k order pairs, the output rounded to bf16 (round to nearest even). */
+   passes of the other rows. Sums are fp32 in k order pairs, the output rounded to bf16 (round to
+   nearest even). Returns 1 for a shape it does not compute, 2 when out of memory. */
 
 #include <immintrin.h>
 #include <stdlib.h>
@@ -130,12 +130,19 @@ int agent_rt_gemm_max_rows(void) { return 1 << 30; }
 static inline __m256 bf16_lo(__m256i w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
 static inline __m256 bf16_hi(__m256i w) { return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u))); }
 
-/* 8 fp32 -> 8 bf16, round to nearest even */
+/* 8 bf16 -> 8 fp32 */
+static inline __m256 widen8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* 8 fp32 -> 8 bf16, round to nearest even; NaN stays NaN (as VCVTNEPS2BF16 on the AMX path) */
 static inline __m128i to_bf16(__m256 v) {
     __m256i u = _mm256_castps_si256(v);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, quiet, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 /* rows x[0..R) (fp32, ldx apart) against one block w ([k2][16] bf16 pairs): out[r][16] fp32 */
@@ -179,16 +186,13 @@ int agent_rt_small_gemm(const uint16_t *a, int64_t m, int64_t lda, const uint16_
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++)
             for (int64_t j = 0; j < k; j += 8)
-                _mm256_storeu_ps(x + i * k + j, _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(a + i * lda + j))), 16)));
+                _mm256_storeu_ps(x + i * k + j, widen8(a + i * lda + j));
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const uint32_t *w = (const uint32_t *)p + b * k2 * 16;
             __m256 bv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             if (bias)
-                for (int h = 0; h < 2; h++)
-                    bv[h] = _mm256_castsi256_ps(_mm256_slli_epi32(
-                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(bias + b * 16 + h * 8))), 16));
+                for (int h = 0; h < 2; h++) bv[h] = widen8(bias + b * 16 + h * 8);
             for (int64_t r0 = 0; r0 < m; r0 += RB) {
                 float out[RB * 16];
                 const int R = m - r0 < RB ? (int)(m - r0) : RB;
