@@ -107,7 +107,7 @@ def test_small_gemm_kernel_against_float64(rows, out_features, in_features):
 
 @pytest.mark.skipif(isinstance(GEMM, str) or GEMM.gemm_max_rows <= native.GEMM_MAX_ROWS,
                     reason="the GEMM on AVX2 (hosts without AMX where oneDNN has no bf16) takes any number of rows")
-@pytest.mark.parametrize("rows", [17, 37, 300])
+@pytest.mark.parametrize("rows", [6, 8, 13, 17, 37, 300])
 def test_the_avx2_gemm_takes_prefills_too(rows):
     g = torch.Generator().manual_seed(rows)
     dense = (torch.randn(96, 576, generator=g) * 0.05).to(torch.bfloat16)
@@ -117,8 +117,10 @@ def test_the_avx2_gemm_takes_prefills_too(rows):
     assert blocks is not None and not isinstance(GEMM, str)
     got = GEMM.gemm(x, blocks, bias)
     _no_worse_than(got, F.linear(x, dense, bias), x, dense, bias)
-    # a row's result does not depend on the rows around it (passes of 4 rows, any remainder)
-    assert torch.equal(got[rows - 1:], GEMM.gemm(x[rows - 1:], blocks, bias))
+    # a row's result does not depend on the rows around it (passes of 8 rows by half a block, of up
+    # to 4 rows by a whole block): the first and last alone, the second half together
+    for lo, hi in ((0, 1), (rows - 1, rows), (rows // 2, rows)):
+        assert torch.equal(got[lo:hi], GEMM.gemm(x[lo:hi], blocks, bias))
 
 
 @needs_gemm

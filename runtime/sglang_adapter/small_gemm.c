@@ -110,18 +110,23 @@ int agent_rt_gemm_max_rows(void) { return 16; }
 
 /* The same packed weight, any number of rows: each 32-bit lane of a weight line holds one column's
    bf16 pair (k, k + 1), so a shift and a mask widen 8 columns' pair to two fp32 vectors, and the
-   rows' inputs (widened to fp32 once per call) are broadcast against them. A pass takes one block
-   of 16 columns and up to RB rows: 2 accumulators per row, 4 widened weight vectors, 2 broadcasts,
-   within AVX2's 16 registers. The tasks are blocks of columns, in order, split evenly between the
-   OpenMP threads; a block's weight (16 columns x k, 18-48 KB on the default model) is read from
-   memory by its first pass (prefetched 2 KB ahead: 5-15% faster at 1-8 rows) and from cache by the
-   passes of the other rows. Sums are fp32 in k order pairs, the output rounded to bf16 (round to
-   nearest even). Returns 1 for a shape it does not compute, 2 when out of memory. */
+   rows' inputs (widened to fp32 once per call) are broadcast against them. Each group of 8 rows
+   takes a block in two passes, one per half (8 columns, one accumulator per row); the last rows
+   (fewer than 8) take it in passes of up to 4 rows by the whole block (2 accumulators per row).
+   Either way the accumulators, the widened pair and a broadcast fit AVX2's 16 registers. The tasks
+   are blocks of columns, in order, split evenly between the OpenMP threads; a block's weight
+   (16 columns x k, 18-48 KB on the default model) is read from memory by its first pass
+   (prefetched 2 KB ahead: 5-15% faster at 1-8 rows) and from cache by the others. Sums are fp32
+   in k order pairs, the same for a row in either kind of pass; the output is rounded to bf16
+   (round to nearest even). Against passes of 4 rows only (docs/BENCHMARKS.md, "ninth round"):
+   the same at 1-8 rows, 1.1x at 16, 1.3x at 64-256 (2 threads, the model's weights cold).
+   Returns 1 for a shape it does not compute, 2 when out of memory. */
 
 #include <immintrin.h>
 #include <stdlib.h>
 
-#define RB 4 /* rows per pass */
+#define RB 4 /* rows per pass of a whole block */
+#define HB 8 /* rows per pass of half a block */
 
 int agent_rt_small_gemm_ready(void) { return 1; }
 
@@ -145,25 +150,39 @@ static inline __m128i to_bf16(__m256 v) {
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-/* rows x[0..R) (fp32, ldx apart) against one block w ([k2][16] bf16 pairs): out[r][16] fp32 */
+/* One row's step: c += the pair (x[j], x[j + 1]) times the widened pair (a, b) of 8 columns. */
+#define STEP(c, xr) (c) = _mm256_fmadd_ps(b, _mm256_broadcast_ss((xr) + j + 1), _mm256_fmadd_ps(a, _mm256_broadcast_ss((xr) + j), (c)))
+
+/* rows x[0..R) (fp32, ldx apart; R 1-4) against one block w ([k2][16] bf16 pairs): out[r][16] fp32.
+   Each half's pair is widened just before its FMAs and the accumulators are named, not an array:
+   the compiler keeps them all in registers (with an array it kept one on the stack, whose store
+   and reload lengthened that chain). */
 static inline __attribute__((always_inline)) void block_pass(const float *x, int64_t ldx, const uint32_t *w, int64_t k2,
                                                               float *out, const int R) {
-    __m256 acc[4][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const __m256 z = _mm256_setzero_ps();
+    __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z;
+    const float *x0 = x, *x1 = x + (R > 1) * ldx, *x2 = x + (R > 2) * 2 * ldx, *x3 = x + (R > 3) * 3 * ldx;
     for (int64_t kk = 0; kk < k2; kk++) {
         _mm_prefetch((const char *)(w + (kk + 32) * 16), _MM_HINT_T0); /* 2 KB ahead (a prefetch never faults) */
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + kk * 16)), w1 = _mm256_loadu_si256((const __m256i *)(w + kk * 16 + 8));
-        __m256 a0 = bf16_lo(w0), b0 = bf16_hi(w0), a1 = bf16_lo(w1), b1 = bf16_hi(w1);
-        for (int r = 0; r < R; r++) {
-            __m256 x0 = _mm256_broadcast_ss(x + r * ldx + 2 * kk), x1 = _mm256_broadcast_ss(x + r * ldx + 2 * kk + 1);
-            acc[r][0] = _mm256_fmadd_ps(b0, x1, _mm256_fmadd_ps(a0, x0, acc[r][0]));
-            acc[r][1] = _mm256_fmadd_ps(b1, x1, _mm256_fmadd_ps(a1, x0, acc[r][1]));
-        }
+        const int64_t j = 2 * kk;
+        __m256i wl = _mm256_loadu_si256((const __m256i *)(w + kk * 16));
+        __m256 a = bf16_lo(wl), b = bf16_hi(wl);
+        STEP(c00, x0);
+        if (R > 1) STEP(c10, x1);
+        if (R > 2) STEP(c20, x2);
+        if (R > 3) STEP(c30, x3);
+        if (R > 2) __asm__ __volatile__("" ::: "memory"); /* the second half broadcasts again: kept live, they spilled */
+        wl = _mm256_loadu_si256((const __m256i *)(w + kk * 16 + 8));
+        a = bf16_lo(wl), b = bf16_hi(wl);
+        STEP(c01, x0);
+        if (R > 1) STEP(c11, x1);
+        if (R > 2) STEP(c21, x2);
+        if (R > 3) STEP(c31, x3);
     }
-    for (int r = 0; r < R; r++) {
-        _mm256_storeu_ps(out + r * 16, acc[r][0]);
-        _mm256_storeu_ps(out + r * 16 + 8, acc[r][1]);
-    }
+    _mm256_storeu_ps(out, c00), _mm256_storeu_ps(out + 8, c01);
+    if (R > 1) _mm256_storeu_ps(out + 16, c10), _mm256_storeu_ps(out + 24, c11);
+    if (R > 2) _mm256_storeu_ps(out + 32, c20), _mm256_storeu_ps(out + 40, c21);
+    if (R > 3) _mm256_storeu_ps(out + 48, c30), _mm256_storeu_ps(out + 56, c31);
 }
 
 static void pass_any(const float *x, int64_t ldx, const uint32_t *w, int64_t k2, float *out, int R) {
@@ -173,6 +192,25 @@ static void pass_any(const float *x, int64_t ldx, const uint32_t *w, int64_t k2,
     case 3: block_pass(x, ldx, w, k2, out, 3); break;
     default: block_pass(x, ldx, w, k2, out, 4); break;
     }
+}
+
+/* rows x[0..8) against one half (8 columns) of a block: out[r][8] fp32 (16 apart). One accumulator
+   per row, so 8 rows a pass: the pass that reads a block from memory does the FMAs of 8 rows, not 4. */
+static void half_pass(const float *x, int64_t ldx, const uint32_t *w, int64_t k2, float *out) {
+    const __m256 z = _mm256_setzero_ps();
+    __m256 c0 = z, c1 = z, c2 = z, c3 = z, c4 = z, c5 = z, c6 = z, c7 = z;
+    const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx, *x4 = x + 4 * ldx, *x5 = x + 5 * ldx,
+                *x6 = x + 6 * ldx, *x7 = x + 7 * ldx;
+    for (int64_t kk = 0; kk < k2; kk++) {
+        _mm_prefetch((const char *)(w + (kk + 32) * 16), _MM_HINT_T0); /* 2 KB ahead (a prefetch never faults) */
+        const int64_t j = 2 * kk;
+        __m256i wl = _mm256_loadu_si256((const __m256i *)(w + kk * 16));
+        __m256 a = bf16_lo(wl), b = bf16_hi(wl);
+        STEP(c0, x0), STEP(c1, x1), STEP(c2, x2), STEP(c3, x3), STEP(c4, x4), STEP(c5, x5), STEP(c6, x6), STEP(c7, x7);
+    }
+    _mm256_storeu_ps(out, c0), _mm256_storeu_ps(out + 16, c1), _mm256_storeu_ps(out + 32, c2);
+    _mm256_storeu_ps(out + 48, c3), _mm256_storeu_ps(out + 64, c4), _mm256_storeu_ps(out + 80, c5);
+    _mm256_storeu_ps(out + 96, c6), _mm256_storeu_ps(out + 112, c7);
 }
 
 int agent_rt_small_gemm(const uint16_t *a, int64_t m, int64_t lda, const uint16_t *p, int64_t n, int64_t k,
@@ -193,14 +231,21 @@ int agent_rt_small_gemm(const uint16_t *a, int64_t m, int64_t lda, const uint16_
             __m256 bv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             if (bias)
                 for (int h = 0; h < 2; h++) bv[h] = widen8(bias + b * 16 + h * 8);
-            for (int64_t r0 = 0; r0 < m; r0 += RB) {
-                float out[RB * 16];
-                const int R = m - r0 < RB ? (int)(m - r0) : RB;
-                pass_any(x + r0 * k, k, w, k2, out, R);
+            for (int64_t r0 = 0; r0 < m;) {
+                float out[HB * 16];
+                int R = m - r0 < HB ? (int)(m - r0) : HB;
+                if (R == HB) { /* 8 rows: each half of the block in one pass */
+                    half_pass(x + r0 * k, k, w, k2, out);
+                    half_pass(x + r0 * k, k, w + 8, k2, out + 8);
+                } else { /* fewer: up to 4 rows a pass */
+                    R = R < RB ? R : RB;
+                    pass_any(x + r0 * k, k, w, k2, out, R);
+                }
                 for (int r = 0; r < R; r++)
                     for (int h = 0; h < 2; h++)
                         _mm_storeu_si128((__m128i *)(c + (r0 + r) * ldc + b * 16 + h * 8),
                                          to_bf16(_mm256_add_ps(_mm256_loadu_ps(out + r * 16 + h * 8), bv[h])));
+                r0 += R;
             }
         }
     }
