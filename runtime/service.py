@@ -53,7 +53,7 @@ from runtime.metrics import METRICS
 from runtime.prompts import PrefixCache, check_tools, checked_response_format, content_chars, longest_token, rendered, sized_tools
 from runtime.sessions import Session, SessionLimit, SessionNotFound, SessionStore
 from runtime.turn import KEPT, Emit, TurnOutcome, random_call_id, run_token_turn
-from runtime.warmup import MIN_SHARED_WARM_TOKENS, SharedWarmups, warm_prefix
+from runtime.warmup import MIN_SHARED_WARM_TOKENS, SharedWarmups, prefix_key, warm_prefix
 
 log = logging.getLogger("runtime.service")
 
@@ -74,7 +74,7 @@ class AgentRuntime:
         self._token_chars: int | None = None  # the most characters one token can stand for
         self.active = 0  # generate requests admitted to the backend (bounded by max_queue)
         self.continuations = ContinuationStore(max_bytes=cfg.continuation_bytes, ttl_s=cfg.continuation_ttl_s)
-        self.warmups = SharedWarmups()  # stateless requests' agent prefixes (runtime.warmup)
+        self.warmups = SharedWarmups()  # agent prefixes warmed, one at a time each (runtime.warmup)
 
     # ------------------------------------------------------------------ the program
     def _token_backend(self) -> TokenBackend:
@@ -181,7 +181,6 @@ class AgentRuntime:
         (runtime.warmup.SharedWarmups); admitted and counted like a turn."""
         if not self._info().radix_cache:
             return
-        key = await asyncio.to_thread(PrefixCache.key, system_prompt, tools)
         prefix = await self._prefix_ids(system_prompt, tools)
         if len(prefix) < MIN_SHARED_WARM_TOKENS:
             return
@@ -194,7 +193,7 @@ class AgentRuntime:
             finally:
                 self.active -= 1
 
-        await self.warmups.ensure(key, warm)
+        await self.warmups.ensure(prefix_key(prefix), warm)
 
     # ------------------------------------------------------------------ sessions
     async def open_session(self, *, system_prompt: str | None, tools: list[dict[str, Any]] | None, owner: str) -> SessionOpenResult:
@@ -218,7 +217,9 @@ class AgentRuntime:
         if warm:
             self.active += 1
             try:
-                await warm_prefix(self._token_backend(), prefix)
+                # Sessions of one agent opened together share one warm-up (runtime.warmup).
+                backend = self._token_backend()
+                await self.warmups.ensure(prefix_key(prefix), lambda: warm_prefix(backend, prefix))
             except BaseException:
                 # The client never learns this session's id: it must not hold a quota slot.
                 with contextlib.suppress(SessionNotFound):

@@ -2,23 +2,28 @@
 that need it, so every session of that agent finds it in the radix cache.
 
     warm_prefix(backend, ids)   one prefill of `ids` (a one-token request), watched for a dead engine
-    SharedWarmups               stateless requests: the first one of an agent prefix warms it, the
-                                ones that arrive meanwhile wait for that one warm-up instead of
-                                each computing the same prefix (the engine does not merge prefills
-                                in flight)
+    prefix_key(ids)             what identifies a prefix: a digest of its token ids
+    SharedWarmups               one warm-up per prefix at a time: the first session.open or
+                                stateless request of an agent prefix warms it, the ones that
+                                arrive meanwhile wait for that one warm-up instead of each
+                                computing the same prefix (the engine does not merge prefills in
+                                flight: eight sessions of two agents opened together computed the
+                                2,000-token prefix eight times, docs/BENCHMARKS.md)
 
 Whether the engine still holds a prefix is not remembered here (the radix cache evicts, and can
-be flushed): every conversation's first stateless request warms its prefix, which costs one
-short request when the prefix is still cached.
+be flushed): every session.open and every conversation's first stateless request warms its
+prefix, which costs one short request when the prefix is still cached.
 
 A session warms its prefix at session.open (runtime.service). A stateless client (the OpenAI
-API) has no open: without this, N conversations of one agent that start together each compute
-its prefix, and their first turns find nothing cached.
+API) has no open: its conversation's first request warms it, through the same SharedWarmups, so
+a session and a stateless conversation of one agent share a warm-up too.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,6 +35,11 @@ log = logging.getLogger("runtime.warmup")
 
 WARM_POLL_S = 0.1  # how often a warm-up in progress checks that the engine is still there
 MIN_SHARED_WARM_TOKENS = 256  # shorter prefixes cost less to compute again than a warm-up's round trip
+
+
+def prefix_key(ids: list[int]) -> bytes:
+    """The SharedWarmups key of a prefix: a digest of its ids (the same ids, the same warm-up)."""
+    return hashlib.sha256(array.array("q", ids).tobytes()).digest()
 
 
 async def warm_prefix(backend: TokenBackend, prefix: list[int], *, during: str = "session.open") -> None:

@@ -1,9 +1,10 @@
-"""Shared prefix warm-ups for stateless requests (runtime.warmup): conversations of one agent that
-start together compute its prefix once, on the fake backend through the runtime."""
+"""Shared prefix warm-ups (runtime.warmup): sessions opened together and stateless conversations of
+one agent that start together compute its prefix once, on the fake backend through the runtime."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -28,6 +29,25 @@ async def _turn(rt, question: str, *, system: str = SYSTEM, tools=TOOLS):
     return await rt.generate(params, owner="", emit=emit, cancelled=asyncio.Event())
 
 
+def _gather_ensures(rt, n: int) -> None:
+    """Hold every warm-up until n callers have asked for one: "together", even on a loaded host."""
+    arrived, all_in, ensure = [], asyncio.Event(), rt.warmups.ensure
+
+    async def gathered_ensure(key, warm):
+        arrived.append(key)
+        if len(arrived) == n:
+            all_in.set()
+
+        async def gated():
+            with contextlib.suppress(TimeoutError):  # fewer callers (a failure): not a hang
+                await asyncio.wait_for(all_in.wait(), 10)
+            await warm()
+
+        await ensure(key, gated)
+
+    rt.warmups.ensure = gathered_ensure  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize("radix", [True, False])
 async def test_conversations_starting_together_compute_the_prefix_once(radix):
     fake = FakeBackend(radix_cache=radix, token_delay_s=0.001)
@@ -37,20 +57,7 @@ async def test_conversations_starting_together_compute_the_prefix_once(radix):
     assert prefix >= MIN_SHARED_WARM_TOKENS
     # "Together": the warm-up does not start before all four have asked for it (on a loaded host
     # the last one could otherwise arrive after it finished, and rightly warm again).
-    arrived, all_in, ensure = [], asyncio.Event(), rt.warmups.ensure
-
-    async def gathered_ensure(key, warm):
-        arrived.append(key)
-        if len(arrived) == 4:
-            all_in.set()
-
-        async def gated():
-            await all_in.wait()
-            await warm()
-
-        await ensure(key, gated)
-
-    rt.warmups.ensure = gathered_ensure  # type: ignore[method-assign]
+    _gather_ensures(rt, 4)
     outs = await asyncio.gather(*(_turn(rt, f"question {i}") for i in range(4)))
     warms = [r for r in fake.requests if r.rid.startswith("warm-")]
     if not radix:  # nothing to share: no warm-up
@@ -65,6 +72,24 @@ async def test_conversations_starting_together_compute_the_prefix_once(radix):
     await _turn(rt, "hi", system="Short.", tools=None)
     assert len([r for r in fake.requests if r.rid.startswith("warm-")]) == 2
     assert rt.active == 0
+
+
+async def test_sessions_of_one_agent_opened_together_compute_its_prefix_once():
+    fake = FakeBackend(radix_cache=True, token_delay_s=0.001)
+    await fake.start()
+    rt = AgentRuntime(test_config(), fake)
+    other = "You answer questions about invoices. " * 20
+    _gather_ensures(rt, 7)
+    opens = [rt.open_session(system_prompt=SYSTEM, tools=TOOLS, owner="") for _ in range(4)]
+    opens += [rt.open_session(system_prompt=other, tools=TOOLS, owner="") for _ in range(2)]
+    opened = await asyncio.gather(*opens, _turn(rt, "a stateless conversation of the first agent"))
+    warms = [r for r in fake.requests if r.rid.startswith("warm-")]
+    # one warm-up per agent, shared by its sessions and by the stateless conversation's first turn
+    assert sorted(len(r.input_ids) for r in warms) == sorted([opened[0].prefix_tokens, opened[4].prefix_tokens])
+    assert rt.warmups.started == 2 and len({o.session_id for o in opened[:6]}) == 6 and rt.active == 0
+    # a session opened later warms again (one short request while the prefix is still cached)
+    await rt.open_session(system_prompt=SYSTEM, tools=TOOLS, owner="")
+    assert rt.warmups.started == 3
 
 
 async def test_a_waiter_that_goes_away_does_not_cancel_the_shared_warm_up():
