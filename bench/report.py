@@ -83,6 +83,11 @@ def markdown(results: dict[str, Any]) -> str:
     if forced:
         lines.append(f"Of those, forced by the call grammar and appended without a decode step (jump-forward, "
                      f"decode steps saved): {forced}.")
+    warmed = {name: m["warmup_tokens_computed"] for name, m in _modes(results) if "warmup_tokens_computed" in m}
+    if warmed:
+        prefixes = results.get("workload", {}).get("prefix_tokens_per_agent") or []
+        lines.append(f"Prompt tokens computed by prefix warm-ups (`session.open`, a stateless conversation's first "
+                     f"request; not in the table), against {sum(prefixes):,} for each agent's prefix once: {warmed}.")
     host_cpu = {name: m["host_cpu_s"] for name, m in _modes(results) if "host_cpu_s" in m}
     if host_cpu:
         lines.append(f"CPU seconds of the benchmark's own process during the mode (client, server, SGLang's "

@@ -353,6 +353,7 @@ async def run_benchmark(
                     raise BenchError("could not flush the engine's radix cache between modes")
                 cpu0 = time.process_time()
                 forced0 = METRICS.forced_tokens._value.get()
+                warmed0 = METRICS.warmup_tokens._value.get()
                 with MemorySampler() as mem:
                     recs, wall = await run_sessions(workload, make(workload), concurrency=spec.concurrency,
                                                     on_turn=progress.turn)
@@ -361,12 +362,16 @@ async def run_benchmark(
                 host_cpu = time.process_time() - cpu0
                 # Output tokens the grammar forced and the runtime appended (jump-forward): decode steps saved.
                 forced = int(METRICS.forced_tokens._value.get() - forced0)
+                # Prompt tokens the prefix warm-ups computed (session.open; a stateless conversation's
+                # first request): not in the turns' figures. Ideally each agent's prefix once.
+                warmed = int(METRICS.warmup_tokens._value.get() - warmed0)
             if mode in ("server", "openai"):
                 server_prompt_ids(recs, workload, renderer, prefixes)
             fill_theoretical(recs, prefixes)
             records[mode] = recs
             results[mode] = aggregate(recs, wall_s=wall, peak_rss_bytes=mem.peak,
-                                      extra={"host_cpu_s": round(host_cpu, 2), "forced_tokens": forced})
+                                      extra={"host_cpu_s": round(host_cpu, 2), "forced_tokens": forced,
+                                             "warmup_tokens_computed": warmed})
 
         if own and backend is not None:
             progress.note("stopping the radix-cache engine ...")

@@ -43,6 +43,8 @@ class Metrics:
             "(continued from a recorded turn's ids), 'edited' (minted call ids, changed history), 'none'", ["outcome"], registry=r)
         self.forced_tokens = Counter("agent_runtime_forced_tokens",
                                      "Output tokens the grammar forced, appended without a decode step (jump-forward)", registry=r)
+        self.warmup_tokens = Counter("agent_runtime_warmup_prompt_tokens",
+                                     "Prompt tokens prefix warm-ups computed (not found in the prefix cache)", registry=r)
         self.invalid_calls = Counter("agent_runtime_invalid_tool_calls", "Tool calls that failed schema validation (never sent)", registry=r)
         self.engine_ready = Gauge("agent_runtime_engine_ready", "1 when the engine serves requests", registry=r)
         self.engine_restarts = Counter("agent_runtime_engine_restarts", "Engine restarts after a failure", registry=r)

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 
 from protocol import errors as rpc
 from runtime.backends.base import BackendError, BackendUnavailable, GenRequest, Sampling, TokenBackend
+from runtime.metrics import METRICS
 
 log = logging.getLogger("runtime.warmup")
 
@@ -52,8 +53,11 @@ async def warm_prefix(backend: TokenBackend, prefix: list[int], *, during: str =
     req = GenRequest(rid=f"warm-{uuid.uuid4().hex}", input_ids=prefix, sampling=Sampling(max_new_tokens=1))
 
     async def run() -> None:
-        async for _ in backend.stream(req):
-            pass
+        cached = None
+        async for u in backend.stream(req):
+            cached = u.cached_tokens
+        if cached is not None:  # what it computed: the part of the prefix the cache did not hold
+            METRICS.warmup_tokens.inc(max(0, len(prefix) - cached))
 
     task = asyncio.create_task(run())
     try:

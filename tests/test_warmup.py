@@ -11,6 +11,7 @@ import pytest
 from conftest import test_config
 from protocol.models import GenerateRequestParams
 from runtime.backends.fake import FakeBackend
+from runtime.metrics import METRICS
 from runtime.service import AgentRuntime
 from runtime.warmup import MIN_SHARED_WARM_TOKENS, SharedWarmups
 
@@ -80,6 +81,7 @@ async def test_sessions_of_one_agent_opened_together_compute_its_prefix_once():
     rt = AgentRuntime(test_config(), fake)
     other = "You answer questions about invoices. " * 20
     _gather_ensures(rt, 7)
+    computed = METRICS.warmup_tokens._value.get()
     opens = [rt.open_session(system_prompt=SYSTEM, tools=TOOLS, owner="") for _ in range(4)]
     opens += [rt.open_session(system_prompt=other, tools=TOOLS, owner="") for _ in range(2)]
     opened = await asyncio.gather(*opens, _turn(rt, "a stateless conversation of the first agent"))
@@ -87,9 +89,12 @@ async def test_sessions_of_one_agent_opened_together_compute_its_prefix_once():
     # one warm-up per agent, shared by its sessions and by the stateless conversation's first turn
     assert sorted(len(r.input_ids) for r in warms) == sorted([opened[0].prefix_tokens, opened[4].prefix_tokens])
     assert rt.warmups.started == 2 and len({o.session_id for o in opened[:6]}) == 6 and rt.active == 0
-    # a session opened later warms again (one short request while the prefix is still cached)
+    # what they computed is counted (the bench reports it): each prefix once
+    assert METRICS.warmup_tokens._value.get() - computed == opened[0].prefix_tokens + opened[4].prefix_tokens
+    # a session opened later warms again: one short request while the prefix is still cached
     await rt.open_session(system_prompt=SYSTEM, tools=TOOLS, owner="")
     assert rt.warmups.started == 3
+    assert METRICS.warmup_tokens._value.get() - computed == opened[0].prefix_tokens + opened[4].prefix_tokens + 1
 
 
 async def test_a_waiter_that_goes_away_does_not_cancel_the_shared_warm_up():
