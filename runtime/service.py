@@ -53,7 +53,7 @@ from runtime.metrics import METRICS
 from runtime.prompts import PrefixCache, check_tools, checked_response_format, content_chars, longest_token, rendered, sized_tools
 from runtime.sessions import Session, SessionLimit, SessionNotFound, SessionStore
 from runtime.turn import KEPT, Emit, TurnOutcome, random_call_id, run_token_turn
-from runtime.warmup import MIN_SHARED_WARM_TOKENS, SharedWarmups, prefix_key, warm_prefix
+from runtime.warmup import MIN_SHARED_WARM_TOKENS, SharedWarmups, warm_prefix
 
 log = logging.getLogger("runtime.service")
 
@@ -162,9 +162,10 @@ class AgentRuntime:
             raise rpc.ContextLengthExceeded(at_least, limit, f"{what} is at least {at_least} tokens "
                                             f"({chars} characters); the context holds {limit}")
 
-    async def _prefix_ids(self, system_prompt: str | None, tools: list[dict[str, Any]]) -> list[int]:
-        """The prefix's ids, rendered off the event loop; -32002 (and nothing cached) when the
-        prefix alone does not fit. Agent definitions repeat across sessions: each is rendered once."""
+    async def _prefix(self, system_prompt: str | None, tools: list[dict[str, Any]]) -> tuple[bytes, list[int]]:
+        """The prefix's key (PrefixCache.key, also what SharedWarmups shares a warm-up by) and ids,
+        both computed off the event loop; -32002 (and nothing cached) when the prefix alone does not
+        fit. Agent definitions repeat across sessions: each is rendered once."""
         limit = self._info().context_length
         await self._check_chars(len(system_prompt or ""), what="the system prompt")
         key = await asyncio.to_thread(PrefixCache.key, system_prompt, tools)
@@ -174,14 +175,14 @@ class AgentRuntime:
             if len(ids) >= limit:
                 raise rpc.ContextLengthExceeded(len(ids), limit, "the system prompt and tools alone exceed the context length")
             self._prefix_cache.put(key, ids)
-        return ids
+        return key, ids
 
     async def _shared_warm(self, system_prompt: str | None, tools: list[dict[str, Any]]) -> None:
         """Warm a stateless request's agent prefix once for all the requests that start with it
         (runtime.warmup.SharedWarmups); admitted and counted like a turn."""
         if not self._info().radix_cache:
             return
-        prefix = await self._prefix_ids(system_prompt, tools)
+        key, prefix = await self._prefix(system_prompt, tools)
         if len(prefix) < MIN_SHARED_WARM_TOKENS:
             return
 
@@ -193,15 +194,16 @@ class AgentRuntime:
             finally:
                 self.active -= 1
 
-        await self.warmups.ensure(prefix_key(prefix), warm)
+        await self.warmups.ensure(key, warm)
 
     # ------------------------------------------------------------------ sessions
     async def open_session(self, *, system_prompt: str | None, tools: list[dict[str, Any]] | None, owner: str) -> SessionOpenResult:
         self._require_ready()
         canonical = await self.checked_tools(tools)
+        key: bytes = b""
         prefix: list[int] = []
         if isinstance(self.backend, TokenBackend):
-            prefix = await self._prefix_ids(system_prompt, canonical)
+            key, prefix = await self._prefix(system_prompt, canonical)
         warm = bool(prefix) and self._info().radix_cache
         if warm:
             # A warm-up is a prefill in the engine's queue like any turn: admitted and counted.
@@ -219,7 +221,7 @@ class AgentRuntime:
             try:
                 # Sessions of one agent opened together share one warm-up (runtime.warmup).
                 backend = self._token_backend()
-                await self.warmups.ensure(prefix_key(prefix), lambda: warm_prefix(backend, prefix))
+                await self.warmups.ensure(key, lambda: warm_prefix(backend, prefix))
             except BaseException:
                 # The client never learns this session's id: it must not hold a quota slot.
                 with contextlib.suppress(SessionNotFound):

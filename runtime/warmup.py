@@ -2,7 +2,6 @@
 that need it, so every session of that agent finds it in the radix cache.
 
     warm_prefix(backend, ids)   one prefill of `ids` (a one-token request), watched for a dead engine
-    prefix_key(ids)             what identifies a prefix: a digest of its token ids
     SharedWarmups               one warm-up per prefix at a time: the first session.open or
                                 stateless request of an agent prefix warms it, the ones that
                                 arrive meanwhile wait for that one warm-up instead of each
@@ -21,9 +20,7 @@ a session and a stateless conversation of one agent share a warm-up too.
 
 from __future__ import annotations
 
-import array
 import asyncio
-import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,11 +33,6 @@ log = logging.getLogger("runtime.warmup")
 
 WARM_POLL_S = 0.1  # how often a warm-up in progress checks that the engine is still there
 MIN_SHARED_WARM_TOKENS = 256  # shorter prefixes cost less to compute again than a warm-up's round trip
-
-
-def prefix_key(ids: list[int]) -> bytes:
-    """The SharedWarmups key of a prefix: a digest of its ids (the same ids, the same warm-up)."""
-    return hashlib.sha256(array.array("q", ids).tobytes()).digest()
 
 
 async def warm_prefix(backend: TokenBackend, prefix: list[int], *, during: str = "session.open") -> None:

@@ -54,7 +54,7 @@ async def test_conversations_starting_together_compute_the_prefix_once(radix):
     fake = FakeBackend(radix_cache=radix, token_delay_s=0.001)
     await fake.start()
     rt = AgentRuntime(test_config(), fake)
-    prefix = len(await rt._prefix_ids(SYSTEM, rt.check_tools(TOOLS)))
+    prefix = len((await rt._prefix(SYSTEM, rt.check_tools(TOOLS)))[1])
     assert prefix >= MIN_SHARED_WARM_TOKENS
     # "Together": the warm-up does not start before all four have asked for it (on a loaded host
     # the last one could otherwise arrive after it finished, and rightly warm again).
