@@ -46,7 +46,7 @@ def test_a_model_that_is_not_sglangs_llama_keeps_sglangs_forward():
     assert cpu_decode.report(SimpleNamespace())["runs"] is False
 
 
-@pytest.mark.parametrize("case", ["ineligible", "extend", "input-embeds", "extra-argument"])
+@pytest.mark.parametrize("case", ["ineligible", "mixed", "input-embeds", "extra-argument"])
 def test_steps_the_loop_does_not_run_go_to_sglangs_forward(case, monkeypatch):
     calls = []
 
@@ -55,7 +55,7 @@ def test_steps_the_loop_does_not_run_go_to_sglangs_forward(case, monkeypatch):
         return "sglang"
 
     plan = "model class X" if case == "ineligible" else cpu_decode._Plan([], None)
-    batch = SimpleNamespace(forward_mode=_Mode(case != "extend"))
+    batch = SimpleNamespace(forward_mode=_Mode(case != "mixed"))  # "mixed": neither decode nor a plain extend
     embeds = torch.zeros(1, 4) if case == "input-embeds" else None
     extra = {"get_embedding": True} if case == "extra-argument" else {}
     monkeypatch.setattr(cpu_decode, "decode", lambda *a: pytest.fail("the loop ran"))
@@ -101,9 +101,10 @@ asyncio.run(main())
 
 
 @pytest.mark.engine
-def test_every_decode_step_of_the_loop_is_bit_identical_to_sglangs_forward():
-    # An engine of its own (a fresh process) that runs both paths on every decode step, returns
-    # SGLang's result and counts the steps whose final hidden states differ in any bit.
+def test_every_pass_of_the_loop_is_bit_identical_to_sglangs_forward():
+    # An engine of its own (a fresh process) that runs both paths on every decode step and plain
+    # extend pass, returns SGLang's result and counts the passes whose final hidden states differ
+    # in any bit.
     env = {**os.environ, cpu_decode.VERIFY_ENV: "1"}
     env = {k: v for k, v in env.items() if not k.startswith("INFERENCE_") or k == "INFERENCE_MODEL_CACHE_DIR"}
     proc = subprocess.run([sys.executable, "-c", _VERIFY], env=env, capture_output=True, text=True, timeout=600)
@@ -114,6 +115,8 @@ def test_every_decode_step_of_the_loop_is_bit_identical_to_sglangs_forward():
     assert state["runs"] is True
     # the five requests decode together: at least the 11 steps of a 12-token request
     assert state["verified"] == state["steps"] >= 11
+    # the prefixes' and the questions' prefills: plain extend passes, verified the same way
+    assert state["extends"] >= 3
     assert state["mismatches"] == 0
 
 

@@ -20,14 +20,20 @@ computations directly:
 - the attention backend's own `forward_decode` (runtime.sglang_adapter.cpu_attention), which
   writes the step's K/V into the pool and attends.
 Every operator gets the same inputs in the same order as on SGLang's path, so the hidden states
-are bit-identical; AGENT_RUNTIME_CPU_DECODE_VERIFY=1 runs both paths on every decode step and
-counts the steps whose outputs differ (the tests run an engine that way).
+are bit-identical; AGENT_RUNTIME_CPU_DECODE_VERIFY=1 runs both paths on every pass and counts the
+passes whose outputs differ (the tests run an engine that way).
+
+Plain extend passes (a prefill; the few tokens of a span the grammar forced, appended by
+runtime.sglang_adapter.jump_forward) run the same loop with the backend's `forward_extend`: for
+a few-token extend the per-layer machinery is as much of the pass as for a decode step
+(docs/BENCHMARKS.md, "Tenth round").
 
 A model is eligible when it is exactly SGLang's LlamaModel with nothing this loop does not do:
 one pipeline stage and one tensor-parallel rank, no hidden-state capture, every linear layer
 packed and without bias or LoRA, plain RMSNorm, a neox-style rotary embedding over the whole
 head, no AMX kernels, and the prefix-aware attention backend. Anything else, and every step
-that is not a plain decode (extend, mixed, idle, input embeddings), keeps SGLang's forward.
+that is neither a plain decode nor a plain extend (mixed, speculative, idle, input embeddings)
+keeps SGLang's forward.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from runtime.sglang_adapter.cpu_linear import matmul as _mm
 VERIFY_ENV = "AGENT_RUNTIME_CPU_DECODE_VERIFY"
 VERIFY = os.environ.get(VERIFY_ENV) == "1"  # read once: set for the engine's processes before they start
 _PLAN = "_agent_runtime_decode_plan"  # on the LlamaModel: its _Plan, or why it is not eligible
-STATS: dict[str, Any] = {"steps": 0, "verified": 0, "mismatches": 0}
+STATS: dict[str, Any] = {"steps": 0, "extends": 0, "verified": 0, "mismatches": 0}  # steps: passes, extends of them
 
 
 @dataclass
@@ -148,8 +154,10 @@ def report(causal_lm: Any) -> dict[str, Any]:
 
 
 def decode(plan: _Plan, embed: Any, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
-    """One decode step's final hidden states (after the model's last norm), as LlamaModel.forward."""
+    """One decode step's or plain extend pass's final hidden states (after the model's last
+    norm), as LlamaModel.forward."""
     backend = get_attn_backend()
+    attend = backend.forward_decode if forward_batch.forward_mode.is_decode() else backend.forward_extend
     hidden = embed(input_ids)
     n = hidden.shape[0]
     tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per rotary module: this step's cos, sin
@@ -172,7 +180,7 @@ def decode(plan: _Plan, embed: Any, input_ids: torch.Tensor, positions: torch.Te
         q = qk[:, : lay.q_size // lay.head_dim].reshape(n, lay.q_size).contiguous()
         k = qk[:, lay.q_size // lay.head_dim :]
         v = qkv[:, rotated:].view(n, lay.kv_heads, lay.head_dim)
-        attended = backend.forward_decode(q, k, v, lay.attn, forward_batch)
+        attended = attend(q, k, v, lay.attn, forward_batch)
         hidden = _mm(attended, lay.o)
         x, residual = lay.ln2.forward_native(hidden, residual)
         gate_up = _mm(x, lay.gate_up)
@@ -181,14 +189,25 @@ def decode(plan: _Plan, embed: Any, input_ids: torch.Tensor, positions: torch.Te
     return out
 
 
+def _plain(mode: Any) -> bool:
+    """A decode step, or an extend pass of plain prompt tokens (a prefill, a forced span's
+    tokens): not mixed with decode rows, not speculative, not idle."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    return mode.is_decode() or mode == ForwardMode.EXTEND
+
+
 def forward(original: Any, model: Any, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any,
             input_embeds: torch.Tensor | None = None, pp_proxy_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
-    """AROUND hook on LlamaModel.forward: plain decode steps of an eligible model run `decode`."""
+    """AROUND hook on LlamaModel.forward: plain decode steps and extend passes of an eligible
+    model run `decode`."""
     plan = _plan_of(model)
     if (isinstance(plan, str) or input_embeds is not None or pp_proxy_tensors is not None or args or kwargs
-            or not forward_batch.forward_mode.is_decode() or not isinstance(get_attn_backend(), PrefixSDPABackend)):
+            or not _plain(forward_batch.forward_mode) or not isinstance(get_attn_backend(), PrefixSDPABackend)):
         return original(model, input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors, *args, **kwargs)
     STATS["steps"] += 1
+    if not forward_batch.forward_mode.is_decode():
+        STATS["extends"] += 1
     if not VERIFY:
         return decode(plan, model.embed_tokens, input_ids, positions, forward_batch)
     expected = original(model, input_ids, positions, forward_batch)
