@@ -392,6 +392,38 @@ def test_extend_kernel_matches_sglang(heads, kv_heads, dim, paths):
     assert err_new.mean() <= err_ref.mean() * 1.05 and err_new.max() <= err_ref.max() * 1.25, (err_new.max(), err_ref.max())
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 1, 128)])
+def test_small_extends_run_the_decode_kernel_where_the_extend_kernel_is_not_built(heads, kv_heads, dim, paths,
+                                                                                   monkeypatch):
+    """A few new rows (jump-forward's forced spans) where there is no extend kernel (AVX2): one
+    decode-kernel call, each row attending the slots up to its position; as close to SGLang's SDPA
+    as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference. More rows
+    than SMALL_EXTEND do not take it."""
+    kernel = paths
+    monkeypatch.setattr(kernel, "extend_ready", False)
+    plan = [(301, 3), (70, 1), (12, 0), (0, 5), (33, 2), (500, 4)]
+    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=51)
+    q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(52)).to(torch.bfloat16)
+    args = (k, v, r2t, pool_idx, seq_lens, prefix, extend)
+    ref, new = _backends()
+    calls = kernel.calls
+    out_new = new._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=True, causal=True)
+    assert kernel.calls == calls + 1
+    out_ref = ref._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=True, causal=True)
+    assert torch.allclose(out_new.float(), out_ref.float(), atol=2e-2, rtol=2e-2), (out_new.float() - out_ref.float()).abs().max()
+    exact = _extend_reference64(q, k, v, r2t, pool_idx, seq_lens, extend, dim**-0.5)
+    err_new, err_ref = (out_new.double() - exact).abs(), (out_ref.double() - exact).abs()
+    assert err_new.mean() <= err_ref.mean() * 1.05 and err_new.max() <= err_ref.max() * 1.25, (err_new.max(), err_ref.max())
+    # a turn's prefill of more rows keeps the SDPA path
+    big = [(40, cpu_attention.SMALL_EXTEND + 1)]
+    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(big, heads, kv_heads, dim, seed=53)
+    q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(54)).to(torch.bfloat16)
+    new._small = None
+    new._run_sdpa_forward_extend(q, torch.zeros_like(q), k, v, r2t, pool_idx, seq_lens, prefix, extend,
+                                 scaling=dim**-0.5, enable_gqa=True, causal=True)
+    assert kernel.calls == calls + 1
+
+
 def test_extend_kernel_rows_do_not_depend_on_what_was_cached_or_batched(paths):
     """A prompt's rows come out bit-identical whether it is prefilled whole, or extended after 3, 37
     or 100 cached tokens, alone or with other requests in the step: each row's result depends only
