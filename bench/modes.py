@@ -321,6 +321,13 @@ async def warm_grammars(runtime: Any, workload: Workload) -> None:
     await asyncio.gather(*(one(r) for r in reqs))
 
 
+async def jump_forward_counts(backend: Any) -> dict[str, int]:
+    """The engine's counts of jump-forward in the middle of calls (an embedded CPU engine's
+    scheduler), else {}."""
+    counts = getattr(backend, "jump_forward_counts", None)
+    return await counts() if counts is not None else {}
+
+
 async def flush_cache(backend: Any) -> bool:
     """Empty the engine's radix cache so the next mode starts cold.
 

@@ -81,8 +81,14 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", f"Output tokens written per mode: {out_tokens}."]
     forced = {name: m["forced_tokens"] for name, m in _modes(results) if "forced_tokens" in m}
     if forced:
-        lines.append(f"Of those, forced by the call grammar and appended without a decode step (jump-forward, "
-                     f"decode steps saved): {forced}.")
+        lines.append(f"Of those, forced by the call grammar at a turn's start and appended to its prompt without a "
+                     f"decode step (jump-forward, decode steps saved): {forced}.")
+    mid = {name: (m["forced_tokens_mid_call"], m.get("forced_spans_mid_call", 0)) for name, m in _modes(results)
+           if m.get("forced_tokens_mid_call")}
+    if mid:
+        lines.append("Forced in the middle of the output and appended by the engine's scheduler (one extend pass per "
+                     "span instead of a decode step per token), tokens in spans: "
+                     + ", ".join(f"{name} {t:,} in {n:,}" for name, (t, n) in mid.items()) + ".")
     warmed = {name: m["warmup_tokens_computed"] for name, m in _modes(results) if "warmup_tokens_computed" in m}
     if warmed:
         prefixes = results.get("workload", {}).get("prefix_tokens_per_agent") or []

@@ -302,7 +302,7 @@ async def run_benchmark(
             raise BenchError("the backend passed in has the radix cache disabled; server/engine/rerender/openai need it on")
 
         import programs
-        from bench.modes import EngineDriver, RerenderDriver, ServerDriver, flush_cache, run_sessions, warm_grammars
+        from bench.modes import EngineDriver, RerenderDriver, ServerDriver, flush_cache, jump_forward_counts, run_sessions, warm_grammars
         from runtime.metrics import METRICS
         from runtime.service import AgentRuntime
 
@@ -354,6 +354,7 @@ async def run_benchmark(
                 cpu0 = time.process_time()
                 forced0 = METRICS.forced_tokens._value.get()
                 warmed0 = METRICS.warmup_tokens._value.get()
+                jumped0 = await jump_forward_counts(backend)
                 with MemorySampler() as mem:
                     recs, wall = await run_sessions(workload, make(workload), concurrency=spec.concurrency,
                                                     on_turn=progress.turn)
@@ -365,12 +366,17 @@ async def run_benchmark(
                 # Prompt tokens the prefix warm-ups computed (session.open; a stateless conversation's
                 # first request): not in the turns' figures. Ideally each agent's prefix once.
                 warmed = int(METRICS.warmup_tokens._value.get() - warmed0)
+                # Forced spans in the middle of calls that the engine's scheduler appended (one
+                # extend pass each instead of a decode step per token).
+                jumped = {k: v - jumped0.get(k, 0) for k, v in (await jump_forward_counts(backend)).items()}
             if mode in ("server", "openai"):
                 server_prompt_ids(recs, workload, renderer, prefixes)
             fill_theoretical(recs, prefixes)
             records[mode] = recs
             results[mode] = aggregate(recs, wall_s=wall, peak_rss_bytes=mem.peak,
                                       extra={"host_cpu_s": round(host_cpu, 2), "forced_tokens": forced,
+                                             "forced_tokens_mid_call": jumped.get("tokens", 0),
+                                             "forced_spans_mid_call": jumped.get("spans", 0),
                                              "warmup_tokens_computed": warmed})
 
         if own and backend is not None:

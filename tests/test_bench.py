@@ -223,6 +223,8 @@ async def test_bench_end_to_end_tiny(cfg, backend, tmp_path):
 
     for name in ("server", "engine", "rerender", "openai"):  # in this process: its CPU time is reported
         assert modes[name]["host_cpu_s"] > 0, name
+        # spans the engine's scheduler jumped over: read back from it, never under 2 tokens a span
+        assert modes[name]["forced_tokens_mid_call"] >= 2 * modes[name]["forced_spans_mid_call"] >= 0, name
     # The grammar makes every call valid: the session modes lose no turn, nor does a client that
     # re-sends the calls with re-serialized arguments.
     assert modes["server"]["errors"] == 0 and modes["engine"]["errors"] == 0 and modes["openai"]["errors"] == 0
@@ -254,5 +256,6 @@ async def test_bench_end_to_end_tiny(cfg, backend, tmp_path):
     assert data["modes"]["server"]["turns_per_s"] == pytest.approx(modes["server"]["turns_per_s"])
     md = (tmp_path / "results.md").read_text()
     assert "| mode | turns/s" in md and all(f"| {m} " in md for m in ALL_MODES)
+    assert ("Forced in the middle of the output" in md) == any(m.get("forced_tokens_mid_call") for m in modes.values())
     for png in ("ttft_by_turn.png", "throughput.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -82,6 +82,12 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
         # taken from the server's own process (and from any other engine). With this it waits
         # on its sockets and wakes when a request arrives.
         kwargs["sleep_on_idle"] = True
+        if cfg.jump_forward:
+            # Jump-forward in the middle of calls (runtime.sglang_adapter.jump_forward) moves a
+            # request out of the running batch after a step's result: with the overlap scheduler
+            # the next step would already hold it. On CPU the overlap buys nothing measurable
+            # (docs/BENCHMARKS.md, "Tenth round").
+            kwargs["disable_overlap_schedule"] = True
     else:
         kwargs["mem_fraction_static"] = cfg.mem_fraction_static
         kwargs["disable_cuda_graph"] = not cfg.cuda_graph
@@ -92,7 +98,7 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
     return kwargs
 
 
-async def _plugin_report(tm: Any) -> dict[str, Any]:
+async def _plugin_report(tm: Any, keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """What runtime.sglang_adapter.plugin reports from the scheduler: the attention backend class
     it runs, how many layers run packed weights and what the CPU decode loop did (empty where the
     plugin is not loaded, e.g. on CUDA)."""
@@ -101,8 +107,8 @@ async def _plugin_report(tm: Any) -> dict[str, Any]:
     except Exception as exc:  # informational only
         log.debug("no internal state from the scheduler: %s", exc)
         return {}
-    keys = (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY, sglang_plugin.DECODE_KEY, sglang_plugin.KERNEL_KEY,
-            sglang_plugin.GEMM_KEY)
+    keys = keys or (sglang_plugin.STATE_KEY, sglang_plugin.PACKED_KEY, sglang_plugin.DECODE_KEY,
+                    sglang_plugin.KERNEL_KEY, sglang_plugin.GEMM_KEY)
     return next(({k: s[k] for k in keys if k in s} for s in states if sglang_plugin.STATE_KEY in s), {})
 
 
@@ -159,7 +165,7 @@ class EmbeddedBackend(TokenBackend):
         kwargs = engine_kwargs(self._cfg, self.model_path)
         attention = str(kwargs.get("attention_backend") or "sglang-default")
         if self._cfg.device == "cpu":
-            from runtime.sglang_adapter import native
+            from runtime.sglang_adapter import jump_forward, native
 
             # Read by runtime.sglang_adapter.plugin in the engine's processes (they inherit the environment).
             os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
@@ -167,6 +173,7 @@ class EmbeddedBackend(TokenBackend):
             os.environ[sglang_plugin.DECODE_ENV] = "lean" if self._cfg.cpu_lean_decode else "sglang"
             os.environ[native.ENV] = "native" if self._cfg.cpu_attention_kernel else "sdpa"
             os.environ[native.GEMM_ENV] = "native" if self._cfg.cpu_gemm_kernel else "onednn"
+            os.environ[jump_forward.ENV] = "on" if self._cfg.jump_forward else "off"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()
@@ -329,6 +336,17 @@ class EmbeddedBackend(TokenBackend):
             return False
         out = await self._engine.tokenizer_manager.flush_cache()
         return bool(getattr(out, "success", out))
+
+    async def jump_forward_counts(self) -> dict[str, int]:
+        """What the scheduler's jump-forward in the middle of calls did so far
+        (runtime.sglang_adapter.jump_forward.STATS: spans and tokens appended, spans left to the
+        model as too short or refused by the grammar); empty where it is off."""
+        if self._engine is None:
+            return {}
+        from runtime.sglang_adapter import jump_forward
+
+        report = await _plugin_report(self._engine.tokenizer_manager, (jump_forward.KEY,))
+        return dict(report.get(jump_forward.KEY) or {})
 
     async def kv_tokens_in_use(self) -> int | None:
         if self._engine is None:

@@ -24,7 +24,11 @@ so this is how code reaches the engine's own processes. On a CPU engine
   steps run by the loop, or why the model keeps SGLang's forward) and `cpu_attention_kernel`
   (whether decode attention runs the kernel, else why not, and its calls) and `cpu_gemm_kernel`
   (the same for the small-M GEMM) to the scheduler's internal state, which
-  runtime.backends.embedded reads back at start and reports.
+  runtime.backends.embedded reads back at start and reports;
+- jumps over the text a request's grammar forces in the middle of its output
+  (runtime.sglang_adapter.jump_forward), unless AGENT_RUNTIME_JUMP_FORWARD=off
+  (runtime.backends.embedded sets that for INFERENCE_JUMP_FORWARD=false); its counts are in the
+  internal state under `jump_forward`.
 
 Elsewhere (CUDA engines, other SGLang users of this environment) it does nothing.
 """
@@ -85,6 +89,10 @@ def _report_state(result: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
             result.internal_state[KERNEL_KEY] = native.report()
         if linear_active():
             result.internal_state[GEMM_KEY] = native.gemm_report()
+        from runtime.sglang_adapter import jump_forward
+
+        if jump_forward.active():
+            result.internal_state[jump_forward.KEY] = dict(jump_forward.STATS)
     except Exception:  # a report, never a failure of the scheduler's own call
         pass
     return result
@@ -96,6 +104,10 @@ def load() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(STATE_TARGET, _report_state, HookType.AFTER)
+    from runtime.sglang_adapter import jump_forward
+
+    if jump_forward.active():
+        HookRegistry.register(jump_forward.TARGET, jump_forward.after_result, HookType.AFTER)
     if active():
         from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
 
