@@ -42,7 +42,8 @@ class Metrics:
             "agent_runtime_stateless_prompts", "Stateless turns with the continuation store on, by lookup: 'exact' "
             "(continued from a recorded turn's ids), 'edited' (minted call ids, changed history), 'none'", ["outcome"], registry=r)
         self.forced_tokens = Counter("agent_runtime_forced_tokens",
-                                     "Output tokens the grammar forced, appended without a decode step (jump-forward)", registry=r)
+                                     "Output tokens the grammar forced at a turn's start, appended to the prompt without a decode "
+                                     "step (jump-forward; spans in the middle are the CPU engine scheduler's)", registry=r)
         self.warmup_tokens = Counter("agent_runtime_warmup_prompt_tokens",
                                      "Prompt tokens prefix warm-ups computed (not found in the prefix cache)", registry=r)
         self.invalid_calls = Counter("agent_runtime_invalid_tool_calls", "Tool calls that failed schema validation (never sent)", registry=r)
