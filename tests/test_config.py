@@ -143,6 +143,11 @@ def test_engine_arguments_per_device():
     assert cuda["attention_backend"] == "fa3" and cuda["disable_cuda_graph"] is False
     no_radix = engine_kwargs(resolve_device(load({"INFERENCE_RADIX_CACHE": "false"}), has_cuda=False), "/m")
     assert no_radix["disable_radix_cache"] is True
+    # jump-forward in the middle of calls (CPU, radix cache on) needs the overlap scheduler off
+    assert cpu["disable_overlap_schedule"] is True and "disable_overlap_schedule" not in cuda
+    assert "disable_overlap_schedule" not in no_radix
+    no_jump = engine_kwargs(resolve_device(load({"INFERENCE_JUMP_FORWARD": "false"}), has_cuda=False), "/m")
+    assert "disable_overlap_schedule" not in no_jump
 
 
 def test_env_example_documents_every_variable_and_matches_the_file():

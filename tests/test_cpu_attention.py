@@ -376,17 +376,23 @@ def test_extend_kernel_matches_sglang(heads, kv_heads, dim, paths):
     SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference; on each
     path (VDPBF16PS, AMX tiles)."""
     kernel = _extends_or_skip(paths)
-    plan = [(301, 77), (0, 130), (70, 1), (12, 0), (3, 33), (0, 1), (33, 2)]
-    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=31)
-    q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(32)).to(torch.bfloat16)
+    _check_extend(kernel, "extend_calls", [(301, 77), (0, 130), (70, 1), (12, 0), (3, 33), (0, 1), (33, 2)],
+                  heads, kv_heads, dim, seed=31)
+
+
+def _check_extend(kernel, counter, plan, heads, kv_heads, dim, seed):
+    """One extend step on the backend: one call of the kernel (its `counter`), as close to SGLang's
+    SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference (both
+    round the probabilities to bf16 for P V)."""
+    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=seed)
+    q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
     args = (k, v, r2t, pool_idx, seq_lens, prefix, extend)
     ref, new = _backends()
-    calls = kernel.extend_calls
+    calls = getattr(kernel, counter)
     out_new = new._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=True, causal=True)
-    assert kernel.extend_calls == calls + 1
+    assert getattr(kernel, counter) == calls + 1
     out_ref = ref._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=True, causal=True)
     assert torch.allclose(out_new.float(), out_ref.float(), atol=2e-2, rtol=2e-2), (out_new.float() - out_ref.float()).abs().max()
-    # Against float64, as accurate as SDPA (both round the probabilities to bf16 for P V)
     exact = _extend_reference64(q, k, v, r2t, pool_idx, seq_lens, extend, dim**-0.5)
     err_new, err_ref = (out_new.double() - exact).abs(), (out_ref.double() - exact).abs()
     assert err_new.mean() <= err_ref.mean() * 1.05 and err_new.max() <= err_ref.max() * 1.25, (err_new.max(), err_ref.max())
@@ -401,27 +407,16 @@ def test_small_extends_run_the_decode_kernel_where_the_extend_kernel_is_not_buil
     than SMALL_EXTEND do not take it."""
     kernel = paths
     monkeypatch.setattr(kernel, "extend_ready", False)
-    plan = [(301, 3), (70, 1), (12, 0), (0, 5), (33, 2), (500, 4)]
-    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=51)
-    q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(52)).to(torch.bfloat16)
-    args = (k, v, r2t, pool_idx, seq_lens, prefix, extend)
-    ref, new = _backends()
-    calls = kernel.calls
-    out_new = new._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=True, causal=True)
-    assert kernel.calls == calls + 1
-    out_ref = ref._run_sdpa_forward_extend(q, torch.zeros_like(q), *args, scaling=dim**-0.5, enable_gqa=True, causal=True)
-    assert torch.allclose(out_new.float(), out_ref.float(), atol=2e-2, rtol=2e-2), (out_new.float() - out_ref.float()).abs().max()
-    exact = _extend_reference64(q, k, v, r2t, pool_idx, seq_lens, extend, dim**-0.5)
-    err_new, err_ref = (out_new.double() - exact).abs(), (out_ref.double() - exact).abs()
-    assert err_new.mean() <= err_ref.mean() * 1.05 and err_new.max() <= err_ref.max() * 1.25, (err_new.max(), err_ref.max())
+    _check_extend(kernel, "calls", [(301, 3), (70, 1), (12, 0), (0, 5), (33, 2), (500, 4)], heads, kv_heads, dim,
+                  seed=51)
     # a turn's prefill of more rows keeps the SDPA path
-    big = [(40, cpu_attention.SMALL_EXTEND + 1)]
-    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(big, heads, kv_heads, dim, seed=53)
+    calls = kernel.calls
+    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch([(40, cpu_attention.SMALL_EXTEND + 1)], heads,
+                                                                  kv_heads, dim, seed=53)
     q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(54)).to(torch.bfloat16)
-    new._small = None
-    new._run_sdpa_forward_extend(q, torch.zeros_like(q), k, v, r2t, pool_idx, seq_lens, prefix, extend,
-                                 scaling=dim**-0.5, enable_gqa=True, causal=True)
-    assert kernel.calls == calls + 1
+    _backends()[1]._run_sdpa_forward_extend(q, torch.zeros_like(q), k, v, r2t, pool_idx, seq_lens, prefix, extend,
+                                            scaling=dim**-0.5, enable_gqa=True, causal=True)
+    assert kernel.calls == calls
 
 
 def test_extend_kernel_rows_do_not_depend_on_what_was_cached_or_batched(paths):

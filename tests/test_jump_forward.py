@@ -218,6 +218,23 @@ def test_spans_jump_when_worth_their_pass_for_the_batch(monkeypatch):
     assert sorted(queued) == list(range(8)) and batch.reqs == []
 
 
+@pytest.mark.parametrize("sharing", [True, False])
+def test_no_jump_without_a_radix_cache(monkeypatch, sharing):
+    """Without prefix sharing (INFERENCE_RADIX_CACHE=false) a queued request would compute its
+    whole context again: the hook leaves every span to the decode steps."""
+    from types import SimpleNamespace
+
+    from runtime.sglang_adapter import jump_forward as jf
+
+    batch, sched, queued = _batch_of(monkeypatch, ['","destination":"'])
+    batch.forward_mode = SimpleNamespace(is_decode=lambda: True)
+    batch.spec_algorithm = SimpleNamespace(is_none=lambda: True)
+    sched.running_batch, sched.enable_overlap = batch, False
+    sched.tree_cache = SimpleNamespace(supports_prefix_sharing=lambda: sharing)
+    assert jf.after_result("result", sched, batch) == "result"
+    assert queued == ([0] if sharing else [])
+
+
 def _batch_of(monkeypatch, forced: list[str], waiting: bool = False):
     """A running batch of requests whose grammars force these texts, the scheduler around it, and
     the requests it queues again (by index)."""

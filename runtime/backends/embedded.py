@@ -82,7 +82,7 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
         # taken from the server's own process (and from any other engine). With this it waits
         # on its sockets and wakes when a request arrives.
         kwargs["sleep_on_idle"] = True
-        if cfg.jump_forward:
+        if cfg.jump_forward and cfg.radix_cache:
             # Jump-forward in the middle of calls (runtime.sglang_adapter.jump_forward) moves a
             # request out of the running batch after a step's result: with the overlap scheduler
             # the next step would already hold it. On CPU the overlap buys nothing measurable
@@ -173,7 +173,8 @@ class EmbeddedBackend(TokenBackend):
             os.environ[sglang_plugin.DECODE_ENV] = "lean" if self._cfg.cpu_lean_decode else "sglang"
             os.environ[native.ENV] = "native" if self._cfg.cpu_attention_kernel else "sdpa"
             os.environ[native.GEMM_ENV] = "native" if self._cfg.cpu_gemm_kernel else "onednn"
-            os.environ[jump_forward.ENV] = "on" if self._cfg.jump_forward else "off"
+            # without the radix cache a jumping request would compute its whole context again
+            os.environ[jump_forward.ENV] = "on" if self._cfg.jump_forward and self._cfg.radix_cache else "off"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()

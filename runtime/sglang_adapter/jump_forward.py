@@ -26,7 +26,8 @@ forced names in short pieces under the grammar), so greedy output can differ fro
 request with the span decoded, and with the batch it ran in (which spans are worth a jump); the
 grammar keeps every output valid either way.
 
-It runs only where it is safe: the overlap scheduler off (runtime.backends.embedded turns it off
+It runs only where it is safe and pays: a radix cache (without one, the queued request would
+compute its whole context again), the overlap scheduler off (runtime.backends.embedded turns it off
 on CPU engines when this is on: the next decode step would already hold the request), no
 speculative decoding, and never for a request that returns logprobs, hidden states or sampling
 masks, has stop strings, or would run within two tokens of its max_new_tokens.
@@ -68,7 +69,8 @@ def min_span(batch_size: int, prefill_pending: bool = False) -> int:
 def after_result(result: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         if (batch is not None and batch.forward_mode.is_decode() and batch is scheduler.running_batch
-                and not scheduler.enable_overlap and batch.spec_algorithm.is_none() and scheduler.tokenizer is not None):
+                and not scheduler.enable_overlap and batch.spec_algorithm.is_none() and scheduler.tokenizer is not None
+                and scheduler.tree_cache.supports_prefix_sharing()):
             _jump(scheduler, batch)
     except Exception:  # never the scheduler's failure: the request decodes its span instead
         STATS["errors"] += 1
