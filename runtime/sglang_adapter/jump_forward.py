@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 ENV = "AGENT_RUNTIME_JUMP_FORWARD"  # "on" (default) or "off"
 TARGET = "sglang.srt.managers.scheduler.Scheduler.process_batch_result"
 KEY = "jump_forward"  # in the scheduler's internal state: STATS
+# spans and tokens jumped; spans the grammar refused in the tokenizer's spelling; looks at a span
+# too short for its batch (once per step while it lasts); hook failures (the spans were decoded)
 STATS: dict[str, Any] = {"spans": 0, "tokens": 0, "refused": 0, "short": 0, "errors": 0}
 
 
@@ -109,7 +111,7 @@ def _accepted(grammar: Any, ids: list[int]) -> bool:
         for token in ids:
             grammar.accept_token(token)
             accepted += 1
-    except ValueError:
+    except Exception:  # xgrammar's refusal is a ValueError; anything else leaves the span to the model too
         pass
     if accepted < len(ids):
         if accepted:
