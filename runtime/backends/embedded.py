@@ -29,6 +29,7 @@ from runtime.backends.base import BackendInfo, BackendUnavailable, GenRequest, G
 from runtime.backends.sglang_output import to_update
 from runtime.config import Config
 from runtime.metrics import METRICS
+from runtime.sglang_adapter import jump_forward
 from runtime.sglang_adapter import plugin as sglang_plugin
 
 log = logging.getLogger("runtime.backends.embedded")
@@ -78,15 +79,12 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
         kwargs["max_total_tokens"] = cfg.kv_cache_tokens or CPU_DEFAULT_KV_TOKENS
         kwargs["mem_fraction_static"] = 0.3
         kwargs["disable_cuda_graph"] = True
-        # An idle scheduler otherwise polls in a busy loop: a whole core on a small CPU host,
-        # taken from the server's own process (and from any other engine). With this it waits
-        # on its sockets and wakes when a request arrives.
+        # An idle scheduler otherwise polls in a busy loop: a whole core on a small CPU host, taken
+        # from the server's own process (and any other engine); with this it waits on its sockets.
         kwargs["sleep_on_idle"] = True
         if cfg.jump_forward and cfg.radix_cache:
-            # Jump-forward in the middle of calls (runtime.sglang_adapter.jump_forward) moves a
-            # request out of the running batch after a step's result: with the overlap scheduler
-            # the next step would already hold it. On CPU the overlap buys nothing measurable
-            # (docs/BENCHMARKS.md, "Tenth round").
+            # runtime.sglang_adapter.jump_forward moves a request out of the batch after a step: with
+            # the overlap scheduler the next step would hold it (no loss on CPU: BENCHMARKS, tenth round)
             kwargs["disable_overlap_schedule"] = True
     else:
         kwargs["mem_fraction_static"] = cfg.mem_fraction_static
@@ -165,7 +163,7 @@ class EmbeddedBackend(TokenBackend):
         kwargs = engine_kwargs(self._cfg, self.model_path)
         attention = str(kwargs.get("attention_backend") or "sglang-default")
         if self._cfg.device == "cpu":
-            from runtime.sglang_adapter import jump_forward, native
+            from runtime.sglang_adapter import native
 
             # Read by runtime.sglang_adapter.plugin in the engine's processes (they inherit the environment).
             os.environ[sglang_plugin.ENV] = "prefix-sdpa" if self._cfg.attn_implementation == "auto" else "sglang"
@@ -173,7 +171,6 @@ class EmbeddedBackend(TokenBackend):
             os.environ[sglang_plugin.DECODE_ENV] = "lean" if self._cfg.cpu_lean_decode else "sglang"
             os.environ[native.ENV] = "native" if self._cfg.cpu_attention_kernel else "sdpa"
             os.environ[native.GEMM_ENV] = "native" if self._cfg.cpu_gemm_kernel else "onednn"
-            # without the radix cache a jumping request would compute its whole context again
             os.environ[jump_forward.ENV] = "on" if self._cfg.jump_forward and self._cfg.radix_cache else "off"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
@@ -339,13 +336,9 @@ class EmbeddedBackend(TokenBackend):
         return bool(getattr(out, "success", out))
 
     async def jump_forward_counts(self) -> dict[str, int]:
-        """What the scheduler's jump-forward in the middle of calls did so far
-        (runtime.sglang_adapter.jump_forward.STATS: spans and tokens appended, spans left to the
-        model as too short or refused by the grammar); empty where it is off."""
+        """The scheduler's jump-forward counts so far (runtime.sglang_adapter.jump_forward.STATS), or {}."""
         if self._engine is None:
             return {}
-        from runtime.sglang_adapter import jump_forward
-
         report = await _plugin_report(self._engine.tokenizer_manager, (jump_forward.KEY,))
         return dict(report.get(jump_forward.KEY) or {})
 
