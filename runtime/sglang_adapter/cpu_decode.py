@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.forward_context import get_attn_backend
 
 from runtime.sglang_adapter.cpu_attention import PrefixSDPABackend
@@ -192,8 +193,6 @@ def decode(plan: _Plan, embed: Any, input_ids: torch.Tensor, positions: torch.Te
 def _plain(mode: Any) -> bool:
     """A decode step, or an extend pass of plain prompt tokens (a prefill, a forced span's
     tokens): not mixed with decode rows, not speculative, not idle."""
-    from sglang.srt.model_executor.forward_batch_info import ForwardMode
-
     return mode.is_decode() or mode == ForwardMode.EXTEND
 
 
