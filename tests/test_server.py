@@ -99,12 +99,19 @@ async def test_length_finish(server):
         assert resp["result"]["finish_reason"] == "length" and resp["result"]["usage"]["completion_tokens"] == 3
 
 
-async def wait_engine_idle(backend, timeout=10.0):
+async def wait_engine_requests(backend, done, timeout=10.0):
+    """Polls until `done(engine_requests())`. SGLang's load snapshot (what /v1/loads and
+    `get_loads` read) is published after each prefill, when idle, and only every 15th decode step,
+    so one reading right after a prefill can still say 0."""
     for _ in range(int(timeout / 0.1)):
-        if await backend.engine_requests() == 0:
+        if done(await backend.engine_requests()):
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+async def wait_engine_idle(backend, timeout=10.0):
+    return await wait_engine_requests(backend, lambda n: n == 0, timeout)
 
 
 async def test_cancel_while_info_is_answered(rpc_server, rpc_backend):
@@ -143,7 +150,7 @@ async def test_disconnect_mid_stream_aborts_engine_work(rpc_server, rpc_backend)
                       "params": {"messages": STORY, "max_tokens": 400, "temperature": 0.7, "seed": 4, "tool_choice": "none"}})
         frame = await c.recv()
         assert frame["method"] == "text_chunk"
-        assert await backend.engine_requests() >= 1
+        assert await wait_engine_requests(backend, lambda n: n >= 1), "the engine never held the generation"
     assert await wait_engine_idle(backend), "a disconnected client's generation kept running"
 
 
