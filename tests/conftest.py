@@ -214,14 +214,15 @@ async def stall_probe(addr: str, *, interval_s: float = 0.02, **kwargs):
                 await task
 
 
-async def plugin_report_around_request(backend, key: str, new_tokens: int = 8) -> tuple[dict, dict]:
+async def plugin_report_around_request(backend, key: str, new_tokens: int = 8,
+                                       prompt: str = "Count from one to ten:") -> tuple[dict, dict]:
     """What the SGLang plugin reports under `key` from the engine's scheduler process, before and
     after one greedy request of `new_tokens` tokens (`new_tokens - 1` decode steps)."""
     from runtime.backends.embedded import _plugin_report
 
     tm = backend._engine.tokenizer_manager
     before = (await _plugin_report(tm))[key]
-    ids = backend.tokenizer.encode("Count from one to ten:", add_special_tokens=False)
+    ids = backend.tokenizer.encode(prompt, add_special_tokens=False)
     await backend._engine.async_generate(input_ids=ids, sampling_params={"temperature": 0.0, "max_new_tokens": new_tokens,
                                                                          "ignore_eos": True})
     return before, (await _plugin_report(tm))[key]

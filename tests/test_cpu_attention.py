@@ -248,10 +248,9 @@ def _kernel_or_skip():
     return kernel
 
 
-def _extends_or_skip(kernel):
-    if not kernel.extend_ready:  # only where the CPU lacks the instructions (the library built)
-        assert native.CPU_FEATURES[-1] not in native._cpu_flags()
-        pytest.skip("the extend kernel needs AVX-512 BF16 (this CPU has AVX2)")
+def _extend_kernel(kernel):
+    # wherever the library builds (AVX-512 BF16, or AVX2 and FMA), it has the extend kernel
+    assert kernel.extend_ready
     return kernel
 
 
@@ -374,16 +373,16 @@ def test_extend_kernel_matches_sglang(heads, kv_heads, dim, paths):
     cached prefix, a first prefill of several query tiles and key blocks, one-token extends, a
     request with nothing new, contexts not a multiple of the kernel's blocks; as close to SGLang's
     SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference; on each
-    path (VDPBF16PS, AMX tiles)."""
-    kernel = _extends_or_skip(paths)
+    path (VDPBF16PS or, on AVX2, fp32 FMAs; AMX tiles)."""
+    kernel = _extend_kernel(paths)
     _check_extend(kernel, "extend_calls", [(301, 77), (0, 130), (70, 1), (12, 0), (3, 33), (0, 1), (33, 2)],
                   heads, kv_heads, dim, seed=31)
 
 
 def _check_extend(kernel, counter, plan, heads, kv_heads, dim, seed):
     """One extend step on the backend: one call of the kernel (its `counter`), as close to SGLang's
-    SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference (both
-    round the probabilities to bf16 for P V)."""
+    SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference (SDPA and
+    the AVX-512 paths round the probabilities to bf16 for P V; the AVX2 path keeps them fp32)."""
     k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=seed)
     q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
     args = (k, v, r2t, pool_idx, seq_lens, prefix, extend)
@@ -399,31 +398,34 @@ def _check_extend(kernel, counter, plan, heads, kv_heads, dim, seed):
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 1, 128)])
-def test_small_extends_run_the_decode_kernel_where_the_extend_kernel_is_not_built(heads, kv_heads, dim, paths,
-                                                                                   monkeypatch):
-    """A few new rows (jump-forward's forced spans) where there is no extend kernel (AVX2): one
-    decode-kernel call, each row attending the slots up to its position; as close to SGLang's SDPA
-    as SDPA's own bf16 rounding allows, and as close as SDPA to a float64 reference. More rows
-    than SMALL_EXTEND do not take it."""
+def test_small_extends_run_the_decode_kernel_where_the_extend_kernel_packs_fp32(heads, kv_heads, dim, paths,
+                                                                                monkeypatch):
+    """Extends of a few new rows per request (jump-forward's forced spans), where the extend kernel
+    computes on fp32 (AVX2): one decode-kernel call, each row attending the slots up to its
+    position; as close to SGLang's SDPA as SDPA's own bf16 rounding allows, and as close as SDPA to
+    a float64 reference. A request with more than SMALL_EXTEND new rows sends the step to the
+    extend kernel; where the extend kernel is the AVX-512 one, every extend goes there."""
     kernel = paths
-    monkeypatch.setattr(kernel, "extend_ready", False)
-    _check_extend(kernel, "calls", [(301, 3), (70, 1), (12, 0), (0, 5), (33, 2), (500, 4)], heads, kv_heads, dim,
+    monkeypatch.setattr(kernel, "extend_fp32", True)
+    small = cpu_attention.SMALL_EXTEND
+    _check_extend(kernel, "calls", [(301, 3), (70, 1), (12, 0), (0, 5), (33, small), (500, 4)], heads, kv_heads, dim,
                   seed=51)
-    # a turn's prefill of more rows keeps the SDPA path
-    calls = kernel.calls
-    k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch([(40, cpu_attention.SMALL_EXTEND + 1)], heads,
-                                                                  kv_heads, dim, seed=53)
-    q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(54)).to(torch.bfloat16)
-    _backends()[1]._run_sdpa_forward_extend(q, torch.zeros_like(q), k, v, r2t, pool_idx, seq_lens, prefix, extend,
-                                            scaling=dim**-0.5, enable_gqa=True, causal=True)
-    assert kernel.calls == calls
+    for fp32, plan in [(True, [(40, small + 1), (30, 2)]), (False, [(300, 3)])]:
+        monkeypatch.setattr(kernel, "extend_fp32", fp32)
+        calls, extend_calls = kernel.calls, kernel.extend_calls
+        k, v, r2t, pool_idx, seq_lens, prefix, extend = _extend_batch(plan, heads, kv_heads, dim, seed=53)
+        q = torch.randn(int(extend.sum()), heads, dim, generator=torch.Generator().manual_seed(54)).to(torch.bfloat16)
+        new = _backends()[1]
+        new._run_sdpa_forward_extend(q, torch.zeros_like(q), k, v, r2t, pool_idx, seq_lens, prefix, extend,
+                                     scaling=dim**-0.5, enable_gqa=True, causal=True)
+        assert (kernel.calls, kernel.extend_calls) == (calls, extend_calls + 1)
 
 
 def test_extend_kernel_rows_do_not_depend_on_what_was_cached_or_batched(paths):
     """A prompt's rows come out bit-identical whether it is prefilled whole, or extended after 3, 37
     or 100 cached tokens, alone or with other requests in the step: each row's result depends only
     on its query and the keys up to its position (on each path)."""
-    kernel = _extends_or_skip(paths)
+    kernel = _extend_kernel(paths)
     heads, kv_heads, dim, total = 9, 3, 64, 150
     q_all = torch.randn(total, heads, dim, generator=torch.Generator().manual_seed(41)).to(torch.bfloat16)
     context = torch.randperm(total, generator=torch.Generator().manual_seed(42)) + 1
@@ -491,12 +493,13 @@ async def test_the_cpu_engine_attends_decode_steps_with_the_kernel(backend):
         assert backend.info.extra["cpu_attention_kernel"].startswith("sdpa (")
         pytest.skip("this CPU has no AVX2")
     assert backend.info.extra["cpu_attention_kernel"] == "native"
-    before, after = await plugin_report_around_request(backend, "cpu_attention_kernel", new_tokens=8)
+    # a prompt no other test sends (not cached), of more rows than the decode kernel takes as an extend
+    prompt = "The extend kernel test: " + " ".join(f"item {i}," for i in range(cpu_attention.SMALL_EXTEND + 4))
+    before, after = await plugin_report_around_request(backend, "cpu_attention_kernel", new_tokens=8, prompt=prompt)
     assert after["runs"] and after["calls"] >= before["calls"] + 7 * 30
-    # its prefill, every layer, where the CPU has AVX-512 BF16 (on AVX2 extends keep SDPA)
-    avx512 = native.CPU_FEATURES[-1] in native._cpu_flags()
-    assert after["extend"] == avx512
-    assert after["extend_calls"] >= before["extend_calls"] + 30 if avx512 else after["extend_calls"] == 0
+    # and its prefill, every layer (AVX-512 BF16, or fp32 on AVX2)
+    assert after["extend"]
+    assert after["extend_calls"] >= before["extend_calls"] + 30
     # where this host grants AMX tiles (as this process finds), the scheduler attends on them
     here = native.load()
     assert not isinstance(here, str) and after["amx"] == here.attention_amx()

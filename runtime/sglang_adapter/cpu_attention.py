@@ -25,19 +25,20 @@ contiguous run, else gathered once for the group, not once per request) and one 
 against each request's own tokens (padded, masked), and merges the two by their log-sum-exp.
 Requests that share no prefix long enough (MIN_SHARED_PREFIX) are decoded one by one as before.
 
-Where the compiled kernel is available (runtime.sglang_adapter.native: AVX-512 BF16, or AVX2 and FMA
-for decode steps only; a C compiler; bf16 model, head dim 64 or 128), a decode step's attention is
+Where the compiled kernel is available (runtime.sglang_adapter.native: AVX-512 BF16, or AVX2 and FMA;
+a C compiler; bf16 model, head dim 64 or 128), a decode step's attention is
 one call per layer for the whole batch instead: the same grouping, as lists of slots (each shared
 prefix once, attended by all its requests; each request's own tokens), read from the pool in place.
 It is 3-10x faster than the SDPA calls on the benchmark's shapes and closer to a float64 reference
 (docs/BENCHMARKS.md). An extend step's attention is then one call per layer too: each request's new
-rows against its context's keys, causal, read from the pool (2-3x faster than the SDPA calls; a
-turn's prefill after a cached prefix 1.7-2.3x faster end to end). Its rows depend only on their
-queries and the keys up to their positions: a prompt's prefill gives the same result however much of
-it was cached and whatever else was in the step. Where only the decode kernel is built (AVX2), an
-extend of up to SMALL_EXTEND new rows (a span jump-forward appended) is one call of the decode
-kernel per layer: each request's cached slots as a list attended by all its new rows, and each
-new slot as a list attended by its own row and the rows after it (`small_extend_lists`).
+rows against its context's keys, causal, K and V packed once per layer (on AVX-512 BF16 2-3x faster
+than the SDPA calls, a turn's prefill after a cached prefix 1.7-2.3x faster end to end; on AVX2, on
+fp32 FMAs, 1.3-2.1x). Its rows depend only on their queries and the keys up to their positions: a
+prompt's prefill gives the same result however much of it was cached and whatever else was in the
+step. On AVX2, an extend whose requests have up to SMALL_EXTEND new rows each (a span jump-forward
+appended) is one call of the decode kernel per layer instead, which reads the pool in place: each
+request's cached slots as a list attended by all its new rows, and each new slot as a list
+attended by its own row and the rows after it (`small_extend_lists`).
 
 Anything else (sliding windows, cross-attention, encoder-only layers, encoder lengths) goes to
 SGLang's implementation unchanged. The backend is installed by runtime.sglang_adapter.plugin in the
@@ -58,9 +59,11 @@ from runtime.sglang_adapter import native
 # Queries per SDPA call in one extend: bounds the mask and any fallback score matrix
 # (group x QUERY_BLOCK rows x context columns) for long prompts.
 QUERY_BLOCK = 1024
-# New rows up to which an extend step is attended by the decode kernel where the extend kernel is
-# not built (AVX2): a forced span appended by jump-forward, a short tool result.
-SMALL_EXTEND = 16
+# New rows per request up to which an extend step is attended by the decode kernel where the extend
+# kernel computes on fp32 (AVX2): a forced span appended by jump-forward. The decode kernel reads the
+# pool in place; the extend kernel first packs every context's K and V, which costs more than a few
+# rows' attention (docs/BENCHMARKS.md, "eleventh round").
+SMALL_EXTEND = 8
 # Tokens two or more decoding requests must share (same KV slots) to be attended as one group.
 MIN_SHARED_PREFIX = 32
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # SDPA that also returns the log-sum-exp
@@ -173,6 +176,15 @@ def small_extend_lists(req_to_token: torch.Tensor, req_pool_indices: torch.Tenso
     return native.Lists.build(parts)
 
 
+def extend_plan(kernel: native.Kernel, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                seq_lens: torch.Tensor, extend_seq_lens: torch.Tensor) -> native.Extends | native.Lists:
+    """An extend step as the extend kernel takes it or, where that kernel packs K and V to fp32 (AVX2)
+    and no request has more than SMALL_EXTEND new rows, as the decode kernel's lists."""
+    if kernel.extend_fp32 and int(extend_seq_lens.max()) <= SMALL_EXTEND:
+        return small_extend_lists(req_to_token, req_pool_indices, seq_lens, extend_seq_lens)
+    return native.Extends.build(req_to_token, req_pool_indices, seq_lens, extend_seq_lens)
+
+
 def _clusters(rows: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int], int]]:
     """[(first request's slots, members, tokens all members share)] for a batch's slot rows."""
     # Clusters of requests whose slots agree on at least MIN_SHARED_PREFIX leading tokens with the
@@ -197,8 +209,7 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
     """SGLang's torch_native backend with prefix-aware extend and grouped SDPA (see module doc)."""
 
     _plan: DecodePlan | None = None  # this step's decode plan (init_forward_metadata clears it)
-    _extends: tuple[tuple[int, ...], native.Extends] | None = None  # this step's extend, as the kernel takes it
-    _small: tuple[tuple[int, ...], native.Lists] | None = None  # a small extend, as the decode kernel takes it
+    _extends: tuple[tuple[int, ...], native.Extends | native.Lists] | None = None  # this step's extend, as a kernel takes it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -230,21 +241,15 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
                 extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa, causal=causal,
                 is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
         kernel = native.load()
-        if (not isinstance(kernel, str) and not kernel.extend_ready and query.shape[0] <= SMALL_EXTEND
-                and kernel.takes(query, output, k_cache, v_cache)):
-            # A few new rows (a forced span's tokens): the decode kernel, each row attending its
-            # context's slots up to its own position, read from the pool in place.
-            key = (id(req_pool_indices), id(seq_lens), id(extend_seq_lens))
-            if self._small is None or self._small[0] != key:  # once per step, not per layer
-                self._small = (key, small_extend_lists(req_to_token, req_pool_indices, seq_lens, extend_seq_lens))
-            return kernel.attend(query, output, k_cache, v_cache, self._small[1],
-                                 scaling if scaling is not None else query.shape[-1] ** -0.5)
         if not isinstance(kernel, str) and kernel.takes_extend(query, output, k_cache, v_cache):
             key = (id(req_pool_indices), id(seq_lens), id(extend_seq_lens))
             if self._extends is None or self._extends[0] != key:  # once per step, not per layer
-                self._extends = (key, native.Extends.build(req_to_token, req_pool_indices, seq_lens, extend_seq_lens))
-            return kernel.extend(query, output, k_cache, v_cache, self._extends[1],
-                                 scaling if scaling is not None else query.shape[-1] ** -0.5)
+                self._extends = (key, extend_plan(kernel, req_to_token, req_pool_indices, seq_lens, extend_seq_lens))
+            plan = self._extends[1]
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            if isinstance(plan, native.Lists):
+                return kernel.attend(query, output, k_cache, v_cache, plan, scale)
+            return kernel.extend(query, output, k_cache, v_cache, plan, scale)
         kv_heads = k_cache.shape[1]
         start = 0
         for pool_idx, total, prefix, new in zip(req_pool_indices.tolist(), seq_lens.tolist(),
@@ -316,7 +321,6 @@ class PrefixSDPABackend(TorchNativeAttnBackend):
         super().init_forward_metadata(forward_batch)
         self._plan = None  # a new step: its decode plan is made by the first layer that needs it
         self._extends = None
-        self._small = None
 
 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: _Group,

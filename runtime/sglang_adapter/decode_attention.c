@@ -32,7 +32,7 @@
 #define BLOCK 16
 #define ROWS_AT_ONCE 8 /* rows of a list attended in one pass over its keys (the AVX2 path shares the widened K and V) */
 
-int agent_rt_abi_version(void) { return 5; }
+int agent_rt_abi_version(void) { return 6; }
 
 /* fp32 -> bf16, round to nearest even (what VCVTNEPS2BF16 gives for normal numbers); NaN stays NaN */
 static inline uint16_t bf16_round(float f) {
@@ -423,6 +423,7 @@ static void extend_pv_amx(const uint32_t *pp, const uint32_t *vb, int dh, int D,
 
 #elif defined(__AVX2__) && defined(__FMA__)
 #define HAVE_DECODE 1
+#define HAVE_EXTEND 1
 
 /* ---- Decode attention on AVX2 ---------------------------------------------------------------------
 
@@ -431,8 +432,8 @@ static void extend_pv_amx(const uint32_t *pp, const uint32_t *vb, int dh, int D,
    rows are widened to fp32 once (a shift of each bf16) into a small buffer, for all the pass's
    rows, then per row and query head: the 8 scores as 8 fp32 dot products summed across lanes
    together, the online softmax, and the 8 keys' V rows added into the head's fp32 accumulators.
-   Prefetching as above. There is no extend kernel for these CPUs (extend steps keep SDPA; an fp32
-   port ran at SDPA's speed: docs/BENCHMARKS.md, "eighth round"). */
+   Prefetching as above. The extend kernel has an fp32 form for these CPUs too (see "Extend
+   (prefill) attention" below). */
 
 /* e^x for x <= 0 (lanes below -87 give about 1e-38), as exp512 */
 static inline __m256 exp256(__m256 x) {
@@ -686,22 +687,34 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
 /* ---- Extend (prefill) attention ----------------------------------------------------------------
 
    The new rows of each request of an extend batch, each attending its context's keys up to its own
-   position (causal). Per (request, KV head), K and V are first packed out of the pool into the
-   layouts VDPBF16PS takes as its second operand: K as [block of 32 keys][D/2 dim pairs][32 keys]
-   and V as [key pair][D] (each 32-bit lane two keys' bf16 values of one dim). Then each task takes
-   a tile of query rows (their G heads of one KV head: 48 query vectors, padded) and walks the key
-   blocks from position 0: S = Q K^T for the block (12 query vectors x 32 keys per register tile),
-   scaled and masked past each row's position, online softmax in fp32, probabilities rounded to
-   bf16 (as PyTorch's CPU flash attention does) and P V for the block added to the row's fp32
-   output. With AMX tiles, S for the block is 3 x 2 tiles of 16 x 16 (the packed K is already the
-   tiles' second-operand layout) and P V is 16 query vectors x 64 dims per 4 tiles, the same
-   packed V as second operand; the softmax, the rescaling and the rounding stay as described.
-   Blocks are aligned at absolute positions and a block a row cannot see leaves it exactly as it
-   was, so a row's result depends only on its query and the keys up to its position: not on
-   how much of the prompt was cached, nor on the rest of the batch. */
+   position (causal). Per (request, KV head), K and V are first packed out of the pool in blocks of
+   32 keys, once for all the request's new rows. Then each task takes a tile of query rows (their G
+   heads of one KV head: 48 query vectors, padded) and walks the key blocks from position 0: S =
+   Q K^T for the block, scaled and masked past each row's position, online softmax in fp32, and
+   P V for the block added to the row's fp32 output. Blocks are aligned at absolute positions and a
+   block a row cannot see leaves it exactly as it was, so a row's result depends only on its query
+   and the keys up to its position: not on how much of the prompt was cached, nor on the rest of
+   the batch.
+
+   With AVX-512 BF16, K is packed as [D/2 dim pairs][32 keys] and V as [key pair][D] (each 32-bit
+   lane two keys' bf16 values of one dim), the layouts VDPBF16PS takes as its second operand; S
+   is 12 query vectors x 32 keys per register tile, the probabilities are rounded to bf16 (as
+   PyTorch's CPU flash attention does) for P V. With AMX tiles, S for the block is 3 x 2 tiles of
+   16 x 16 (the packed K is already the tiles' second-operand layout) and P V is 16 query vectors
+   x 64 dims per 4 tiles, the same packed V as second operand; the softmax, the rescaling and the
+   rounding stay as described.
+
+   With AVX2 and FMA only, K and V are widened to fp32 as they are packed (K as [D][32 keys], V as
+   [32 keys][D]), the queries once per task (scaled); S is 6 query vectors x 16 keys of fp32 FMAs
+   per register tile, P V 6 query vectors x 16 dims (each load of K or V shared by 6 FMAs), and the
+   probabilities stay fp32. */
 
 #define KB 32  /* keys per block */
 #define QT 48  /* query vectors per task (padded) */
+
+#if defined(__AVX512BF16__)
+typedef uint32_t ext_word;                    /* two bf16 */
+#define EXT_WORDS(D) ((int64_t)(KB / 2) * (D)) /* per block and KV head, of K and of V each */
 
 /* Pack one KV head's K and V for keys slots[0..T) into kp ([ceil(T/32)][D/2][32] uint32) and
    vp ([ceil(T/2)][D] uint32); keys past T are zeros. */
@@ -827,6 +840,192 @@ static inline __attribute__((always_inline)) void extend_tile(const uint32_t *qp
     }
 }
 
+
+/* One task: the queries of rows row0 .. row0 + rows (positions pos0 ..) of KV head h, against
+   the request's packed K and V; their outputs into out. */
+static void extend_task(const uint16_t *q, int64_t q_stride, int64_t row0, int64_t rows, int64_t pos0, int64_t h,
+                        int64_t G, int64_t D, const ext_word *kp, const ext_word *vp, float scale, uint16_t *out,
+                        int64_t out_stride, int amx) {
+    uint32_t qp[QT * 64] __attribute__((aligned(64)));
+    int64_t pos[QT];
+    float o[QT * 128] __attribute__((aligned(64)));
+    int DP = (int)D / 2;
+    memset(qp, 0, sizeof(uint32_t) * QT * DP);
+    for (int64_t x = 0; x < QT; x++) pos[x] = -1;
+    for (int64_t x = 0; x < rows; x++)
+        for (int64_t g = 0; g < G; g++) {
+            memcpy(qp + (x * G + g) * DP, q + (row0 + x) * q_stride + (h * G + g) * D, sizeof(uint16_t) * D);
+            pos[x * G + g] = pos0 + x;
+        }
+    int64_t nblocks = (pos0 + rows - 1) / KB + 1;
+    if (D == 64) extend_tile(qp, pos, kp, vp, nblocks, scale, o, 64, amx);
+    else extend_tile(qp, pos, kp, vp, nblocks, scale, o, 128, amx);
+    for (int64_t x = 0; x < rows; x++)
+        for (int64_t g = 0; g < G; g++) {
+            uint16_t *dst = out + (row0 + x) * out_stride + (h * G + g) * D;
+            const float *src = o + (x * G + g) * D;
+            for (int64_t d = 0; d < D; d += 16)
+                _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
+        }
+}
+
+#else /* AVX2 and FMA */
+typedef float ext_word;
+#define EXT_WORDS(D) ((int64_t)KB * (D)) /* per block and KV head, of K and of V each */
+
+/* r[0..8) as the rows of an 8 x 8 matrix -> its columns */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* Pack block b of one KV head's K and V for keys slots[0..T), widened to fp32, into kp ([D][32]
+   per block) and vp ([32][D] per block); keys past T are zeros. */
+static void pack_kv_block(const uint16_t *k_pool, const uint16_t *v_pool, int64_t slot_stride, int64_t h, int D,
+                          const int32_t *slots, int64_t T, int64_t b, float *kp, float *vp) {
+    float *kb = kp + b * KB * D, *vb = vp + b * KB * D;
+    for (int j0 = 0; j0 < KB; j0 += 8)
+        for (int d0 = 0; d0 < D; d0 += 8) {
+            __m256 r[8];
+            for (int j = 0; j < 8; j++) {
+                int64_t t = b * KB + j0 + j;
+                r[j] = t < T ? widen8(k_pool + (int64_t)slots[t] * slot_stride + h * D + d0) : _mm256_setzero_ps();
+            }
+            transpose8(r);
+            for (int d = 0; d < 8; d++) _mm256_storeu_ps(kb + (d0 + d) * KB + j0, r[d]);
+        }
+    for (int j = 0; j < KB; j++) {
+        int64_t t = b * KB + j;
+        for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(vb + j * D + d, t < T ? widen8(v_pool + (int64_t)slots[t] * slot_stride + h * D + d)
+                                                   : _mm256_setzero_ps());
+    }
+}
+
+/* One task: nv query vectors qf[QT][D] (fp32, scaled; zeros past nv), positions pos[QT] (-1:
+   padding), over key blocks 0..nblocks of one packed head; writes o[QT][D] (fp32, normalized). */
+static inline __attribute__((always_inline)) void extend_tile(const float *qf, const int64_t *pos, int nv,
+                                                              const float *kp, const float *vp, int64_t nblocks,
+                                                              float *o, const int D) {
+    float m[QT], l[QT], alpha[QT], s[QT][KB] __attribute__((aligned(32)));
+    int live[QT];
+    const int n6 = (nv + 5) / 6 * 6;
+    for (int i = 0; i < QT; i++) { m[i] = -FLT_MAX; l[i] = 0; live[i] = 0; alpha[i] = 1; }
+    memset(o, 0, sizeof(float) * QT * D);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t b = 0; b < nblocks; b++) {
+        const float *kb = kp + b * KB * D, *vb = vp + b * KB * D;
+        /* S = Q K^T: 6 query vectors x 16 keys at a time */
+        for (int i0 = 0; i0 < n6; i0 += 6)
+            for (int kh = 0; kh < KB; kh += 16) {
+                __m256 acc[6][2];
+                for (int i = 0; i < 6; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+                for (int p = 0; p < D; p++) {
+                    const __m256 k0 = _mm256_loadu_ps(kb + p * KB + kh), k1 = _mm256_loadu_ps(kb + p * KB + kh + 8);
+                    for (int i = 0; i < 6; i++) {
+                        const __m256 qv = _mm256_broadcast_ss(qf + (i0 + i) * D + p);
+                        acc[i][0] = _mm256_fmadd_ps(qv, k0, acc[i][0]);
+                        acc[i][1] = _mm256_fmadd_ps(qv, k1, acc[i][1]);
+                    }
+                }
+                for (int i = 0; i < 6; i++) {
+                    _mm256_store_ps(s[i0 + i] + kh, acc[i][0]);
+                    _mm256_store_ps(s[i0 + i] + kh + 8, acc[i][1]);
+                }
+            }
+        /* mask past each row's position, online softmax; P (fp32) replaces S */
+        for (int i = 0; i < nv; i++) {
+            const int64_t seen = pos[i] - b * KB + 1; /* keys of this block the row sees */
+            live[i] = seen > 0;
+            if (!live[i]) continue;
+            __m256 x[4], valid[4];
+            for (int c = 0; c < 4; c++) {
+                x[c] = _mm256_load_ps(s[i] + 8 * c);
+                if (seen < KB) {
+                    valid[c] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)seen - 8 * c), lane));
+                    x[c] = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x[c], valid[c]);
+                }
+            }
+            const float bm = hmax8(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])));
+            const float mn = bm > m[i] ? bm : m[i];
+            alpha[i] = expf(m[i] - mn); /* 0 on the row's first block (m = -FLT_MAX) */
+            m[i] = mn;
+            __m256 sum = _mm256_setzero_ps();
+            for (int c = 0; c < 4; c++) {
+                __m256 e = exp256(_mm256_sub_ps(x[c], _mm256_set1_ps(mn)));
+                if (seen < KB) e = _mm256_and_ps(e, valid[c]);
+                sum = _mm256_add_ps(sum, e);
+                _mm256_store_ps(s[i] + 8 * c, e);
+            }
+            l[i] = l[i] * alpha[i] + hadd8(sum);
+        }
+        /* O = O * alpha + P V: 6 query vectors x 16 dims at a time */
+        for (int i0 = 0; i0 < n6; i0 += 6)
+            for (int dh = 0; dh < D; dh += 16) {
+                __m256 acc[6][2];
+                for (int i = 0; i < 6; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+                for (int t = 0; t < KB; t++) {
+                    const __m256 v0 = _mm256_loadu_ps(vb + t * D + dh), v1 = _mm256_loadu_ps(vb + t * D + dh + 8);
+                    for (int i = 0; i < 6; i++) {
+                        const __m256 pv = _mm256_broadcast_ss(s[i0 + i] + t);
+                        acc[i][0] = _mm256_fmadd_ps(pv, v0, acc[i][0]);
+                        acc[i][1] = _mm256_fmadd_ps(pv, v1, acc[i][1]);
+                    }
+                }
+                for (int i = 0; i < 6; i++) {
+                    if (!live[i0 + i]) continue; /* a block the row cannot see leaves it as it was */
+                    float *oi = o + (i0 + i) * D + dh;
+                    const __m256 a = _mm256_set1_ps(alpha[i0 + i]);
+                    _mm256_storeu_ps(oi, _mm256_fmadd_ps(_mm256_loadu_ps(oi), a, acc[i][0]));
+                    _mm256_storeu_ps(oi + 8, _mm256_fmadd_ps(_mm256_loadu_ps(oi + 8), a, acc[i][1]));
+                }
+            }
+    }
+    for (int i = 0; i < nv; i++) {
+        const __m256 inv = _mm256_set1_ps(l[i] > 0 ? 1.0f / l[i] : 0.0f);
+        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(o + i * D + d, _mm256_mul_ps(_mm256_loadu_ps(o + i * D + d), inv));
+    }
+}
+
+/* As the AVX-512 extend_task, on fp32 (amx is ignored). */
+static void extend_task(const uint16_t *q, int64_t q_stride, int64_t row0, int64_t rows, int64_t pos0, int64_t h,
+                        int64_t G, int64_t D, const ext_word *kp, const ext_word *vp, float scale, uint16_t *out,
+                        int64_t out_stride, int amx) {
+    (void)amx;
+    float qf[QT * 128] __attribute__((aligned(32))), o[QT * 128] __attribute__((aligned(32)));
+    int64_t pos[QT];
+    const int nv = (int)(rows * G);
+    memset(qf, 0, sizeof(float) * QT * D);
+    for (int64_t x = 0; x < QT; x++) pos[x] = -1;
+    for (int64_t x = 0; x < rows; x++)
+        for (int64_t g = 0; g < G; g++) {
+            const uint16_t *src = q + (row0 + x) * q_stride + (h * G + g) * D;
+            for (int64_t d = 0; d < D; d += 8)
+                _mm256_storeu_ps(qf + (x * G + g) * D + d, _mm256_mul_ps(widen8(src + d), _mm256_set1_ps(scale)));
+            pos[x * G + g] = pos0 + x;
+        }
+    int64_t nblocks = (pos0 + rows - 1) / KB + 1;
+    if (D == 64) extend_tile(qf, pos, nv, kp, vp, nblocks, o, 64);
+    else extend_tile(qf, pos, nv, kp, vp, nblocks, o, 128);
+    for (int64_t x = 0; x < rows; x++)
+        for (int64_t g = 0; g < G; g++) {
+            uint16_t *dst = out + (row0 + x) * out_stride + (h * G + g) * D;
+            const float *src = o + (x * G + g) * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = bf16_round(src[d]);
+        }
+}
+#endif
+
 /* q: bf16 [tokens, H * G, D] (row stride q_stride); k_pool, v_pool as for decode; R requests:
    request r's keys are slots[slot_start[r] .. slot_start[r + 1]) (its whole context in order), of
    which the last n_new[r] are its new rows, at query rows q_row[r] ..; out like q. Returns 0, or -1
@@ -846,11 +1045,11 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
         tiles += (n_new[r] + RT - 1) / RT;
     }
     pack_at[R] = blocks;
-    /* per (block, head): K [D/2][32] and V [16][D], uint32 */
-    uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)(blocks * H * 2 * KB / 2 * D + 1));
+    /* per (block, head): K and V, EXT_WORDS(D) each */
+    ext_word *packed = malloc(sizeof(ext_word) * (size_t)(blocks * H * 2 * EXT_WORDS(D) + 1));
     int64_t *task = malloc(sizeof(int64_t) * (2 * tiles * H + 2 * blocks + 1));
     if (!packed || !task) { free(packed); free(task); free(pack_at); return -1; }
-    const int64_t per_head = blocks * (KB / 2) * D;  /* uint32 per head of K (and of V) */
+    const int64_t per_head = blocks * EXT_WORDS(D);  /* words per head of K (and of V) */
     /* pack tasks: (request, block) */
     int64_t np = 0;
     for (int64_t r = 0; r < R; r++)
@@ -860,8 +1059,8 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
         int64_t r = task[2 * i], b = task[2 * i + 1];
         for (int64_t h = 0; h < H; h++)
             pack_kv_block(k_pool, v_pool, slot_stride, h, (int)D, slots + slot_start[r], slot_start[r + 1] - slot_start[r],
-                          b, packed + h * 2 * per_head + pack_at[r] * (KB / 2) * D,
-                          packed + h * 2 * per_head + per_head + pack_at[r] * (KB / 2) * D);
+                          b, packed + h * 2 * per_head + pack_at[r] * EXT_WORDS(D),
+                          packed + h * 2 * per_head + per_head + pack_at[r] * EXT_WORDS(D));
     }
     /* attention tasks: (request, first row of its tile), longest first */
     int64_t nt = 0;
@@ -877,29 +1076,9 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
             int64_t r = task[2 * i], r0 = task[2 * i + 1];
             int64_t T = slot_start[r + 1] - slot_start[r], first = T - n_new[r];
             int64_t rows = n_new[r] - r0 < RT ? n_new[r] - r0 : RT;
-            uint32_t qp[QT * 64] __attribute__((aligned(64)));
-            int64_t pos[QT];
-            float o[QT * 128] __attribute__((aligned(64)));
-            int DP = (int)D / 2;
-            memset(qp, 0, sizeof(uint32_t) * QT * DP);
-            for (int64_t x = 0; x < QT; x++) pos[x] = -1;
-            for (int64_t x = 0; x < rows; x++)
-                for (int64_t g = 0; g < G; g++) {
-                    memcpy(qp + (x * G + g) * DP, q + (q_row[r] + r0 + x) * q_stride + (h * G + g) * D, sizeof(uint16_t) * D);
-                    pos[x * G + g] = first + r0 + x;
-                }
-            int64_t nblocks = (first + r0 + rows - 1) / KB + 1;
-            const uint32_t *kp = packed + h * 2 * per_head + pack_at[r] * (KB / 2) * D;
-            const uint32_t *vp = kp + per_head;
-            if (D == 64) extend_tile(qp, pos, kp, vp, nblocks, scale, o, 64, amx);
-            else extend_tile(qp, pos, kp, vp, nblocks, scale, o, 128, amx);
-            for (int64_t x = 0; x < rows; x++)
-                for (int64_t g = 0; g < G; g++) {
-                    uint16_t *dst = out + (q_row[r] + r0 + x) * out_stride + (h * G + g) * D;
-                    const float *src = o + (x * G + g) * D;
-                    for (int64_t d = 0; d < D; d += 16)
-                        _mm256_storeu_si256((__m256i *)(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
-                }
+            const ext_word *kp = packed + h * 2 * per_head + pack_at[r] * EXT_WORDS(D);
+            extend_task(q, q_stride, q_row[r] + r0, rows, first + r0, h, G, D, kp, kp + per_head, scale, out,
+                        out_stride, amx);
         }
     if (amx) amx_release();
     }
@@ -909,9 +1088,14 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
     return 0;
 }
 
+/* Which extend kernel this build has: 1 on VDPBF16PS (AVX-512 BF16), 2 on fp32 FMAs (AVX2). */
+#if defined(__AVX512BF16__)
 int agent_rt_extend_ready(void) { return 1; }
+#else
+int agent_rt_extend_ready(void) { return 2; }
+#endif
 
-#else /* no AVX-512 BF16 in this build: no extend kernel */
+#else /* neither AVX-512 BF16 nor AVX2 in this build: no extend kernel */
 
 int agent_rt_extend_ready(void) { return 0; }
 

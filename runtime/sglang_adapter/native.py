@@ -6,9 +6,10 @@ needs them gathered out of the paged pool into dense tensors first (own parts pa
 longest), and its CPU flash kernel packs them again for a GEMM; measured on the benchmark's
 shapes it moved K/V at 5-9 GB/s. decode_attention.c reads the pool's rows where they are, once,
 and attends all query heads of a KV head together (see its header; docs/BENCHMARKS.md). Its extend
-kernel packs each request's K and V once per layer into the layouts of VDPBF16PS and computes the
-new rows in tiles of 48 query vectors against blocks of 32 keys (2-3x faster than SDPA's CPU flash
-attention on the benchmark's prefills). small_gemm.c multiplies a decode step's few rows by weights
+kernel packs each request's K and V once per layer (into the layouts of VDPBF16PS, or widened to
+fp32 on AVX2) and computes the new rows in tiles of 48 query vectors against blocks of 32 keys
+(2-3x faster than SDPA's CPU flash attention on the benchmark's prefills with AVX-512 BF16, 1.3-2.1x
+on AVX2). small_gemm.c multiplies a decode step's few rows by weights
 packed for it (runtime.sglang_adapter.cpu_linear), reading each weight line once. Where the CPU has
 Intel AMX and the OS grants this process the tiles, the attention kernels compute shared prefixes
 and prefills on AMX tiles too (Kernel.attention_amx(); AGENT_RUNTIME_CPU_ATTENTION_TILES=off keeps
@@ -20,8 +21,8 @@ the source, the compiler, the flags and the CPU's feature flags, so a second sta
 once. OpenMP: the library links libgomp by its soname, so in a process that has imported torch
 it shares torch's own OpenMP runtime and thread pool.
 
-The attention kernels need an x86-64 CPU with AVX-512 BF16 (bf16 dot products); on one with only
-AVX2 and FMA, decode steps' attention runs on fp32 FMAs and extends keep SDPA. The GEMM runs on
+The attention kernels run on bf16 dot products on an x86-64 CPU with AVX-512 BF16, on fp32 FMAs on
+one with only AVX2 and FMA. The GEMM runs on
 AMX tiles where the CPU has them; on a CPU with AVX2 and FMA but neither AMX nor the AVX-512 that
 oneDNN's bf16 GEMMs need (an AMD EPYC of the Zen 3 generation, say), it runs on AVX2 FMAs for any
 number of rows, prefills included: there PyTorch multiplies bf16 with a slow generic loop
@@ -59,7 +60,7 @@ TILES_ENV = "AGENT_RUNTIME_CPU_ATTENTION_TILES"
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("decode_attention.c", "small_gemm.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names: the attention kernels
-ABI_VERSION = 5
+ABI_VERSION = 6
 GEMM_CPU_FEATURES = ("amx_tile", "amx_bf16")  # the GEMM on AMX tiles
 BUILD_CPU_FEATURES = ("avx2", "fma")  # the library at all, and the GEMM on AVX2 where oneDNN has no bf16
 GEMM_MAX_ROWS = 16  # on AMX tiles; the AVX2 GEMM takes any number
@@ -140,8 +141,10 @@ class Kernel:
         self._attention_amx = lib.agent_rt_attention_amx
         self._attention_amx.argtypes, self._attention_amx.restype = [ctypes.c_int], ctypes.c_int
         self.gemm_max_rows = int(lib.agent_rt_gemm_max_rows())
-        # the extend kernel needs AVX-512 BF16; on AVX2 only decode steps run here, extends keep SDPA
-        self.extend_ready = bool(lib.agent_rt_extend_ready())
+        # the extend kernel: on VDPBF16PS (AVX-512 BF16) or on fp32 FMAs (AVX2), K and V packed per call
+        form = int(lib.agent_rt_extend_ready())
+        self.extend_ready = form != 0
+        self.extend_fp32 = form == 2
         self.calls = 0
         self.extend_calls = 0
         self.gemm_calls = 0
