@@ -912,6 +912,21 @@ static void pack_kv_block(const uint16_t *k_pool, const uint16_t *v_pool, int64_
     }
 }
 
+/* acc[i][0..1] = sum over p < n of a[i * a_stride + p] * b[p * b_stride + 0..16], for 6 rows i:
+   12 accumulators, each load of b shared by 6 FMAs (S = Q K^T and P V of the extend tile). */
+static inline __attribute__((always_inline)) void outer6x16(const float *a, int a_stride, const float *b, int b_stride,
+                                                            const int n, __m256 acc[6][2]) {
+    for (int i = 0; i < 6; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int p = 0; p < n; p++) {
+        const __m256 b0 = _mm256_loadu_ps(b + p * b_stride), b1 = _mm256_loadu_ps(b + p * b_stride + 8);
+        for (int i = 0; i < 6; i++) {
+            const __m256 x = _mm256_broadcast_ss(a + i * a_stride + p);
+            acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
+        }
+    }
+}
+
 /* One task: nv query vectors qf[QT][D] (fp32, scaled; zeros past nv), positions pos[QT] (-1:
    padding), over key blocks 0..nblocks of one packed head; writes o[QT][D] (fp32, normalized). */
 static inline __attribute__((always_inline)) void extend_tile(const float *qf, const int64_t *pos, int nv,
@@ -929,15 +944,7 @@ static inline __attribute__((always_inline)) void extend_tile(const float *qf, c
         for (int i0 = 0; i0 < n6; i0 += 6)
             for (int kh = 0; kh < KB; kh += 16) {
                 __m256 acc[6][2];
-                for (int i = 0; i < 6; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-                for (int p = 0; p < D; p++) {
-                    const __m256 k0 = _mm256_loadu_ps(kb + p * KB + kh), k1 = _mm256_loadu_ps(kb + p * KB + kh + 8);
-                    for (int i = 0; i < 6; i++) {
-                        const __m256 qv = _mm256_broadcast_ss(qf + (i0 + i) * D + p);
-                        acc[i][0] = _mm256_fmadd_ps(qv, k0, acc[i][0]);
-                        acc[i][1] = _mm256_fmadd_ps(qv, k1, acc[i][1]);
-                    }
-                }
+                outer6x16(qf + i0 * D, D, kb + kh, KB, D, acc);
                 for (int i = 0; i < 6; i++) {
                     _mm256_store_ps(s[i0 + i] + kh, acc[i][0]);
                     _mm256_store_ps(s[i0 + i] + kh + 8, acc[i][1]);
@@ -973,15 +980,7 @@ static inline __attribute__((always_inline)) void extend_tile(const float *qf, c
         for (int i0 = 0; i0 < n6; i0 += 6)
             for (int dh = 0; dh < D; dh += 16) {
                 __m256 acc[6][2];
-                for (int i = 0; i < 6; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-                for (int t = 0; t < KB; t++) {
-                    const __m256 v0 = _mm256_loadu_ps(vb + t * D + dh), v1 = _mm256_loadu_ps(vb + t * D + dh + 8);
-                    for (int i = 0; i < 6; i++) {
-                        const __m256 pv = _mm256_broadcast_ss(s[i0 + i] + t);
-                        acc[i][0] = _mm256_fmadd_ps(pv, v0, acc[i][0]);
-                        acc[i][1] = _mm256_fmadd_ps(pv, v1, acc[i][1]);
-                    }
-                }
+                outer6x16(s[i0], KB, vb + dh, D, KB, acc);
                 for (int i = 0; i < 6; i++) {
                     if (!live[i0 + i]) continue; /* a block the row cannot see leaves it as it was */
                     float *oi = o + (i0 + i) * D + dh;
