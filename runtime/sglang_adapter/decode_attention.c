@@ -1,6 +1,5 @@
-/* Decode and extend attention over a paged bf16 KV pool for x86-64 CPUs with AVX-512 BF16
-   (the extend kernel: see "Extend (prefill) attention" below); decode attention also for CPUs with
-   only AVX2 and FMA ("Decode attention on AVX2" below).
+/* Decode and extend attention over a paged bf16 KV pool for x86-64 CPUs with AVX-512 BF16, or
+   with AVX2 and FMA on fp32 ("Decode attention on AVX2" and "Extend (prefill) attention" below).
 
    Built and loaded by runtime/sglang_adapter/native.py; called by cpu_attention.py once per layer
    for a whole decode batch. A step's batch is described as lists of KV slots, each attended by a
@@ -42,7 +41,7 @@ static inline uint16_t bf16_round(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* What follows is built for AVX-512 BF16 (decode and extend), or else for AVX2 and FMA (decode);
+/* What follows is built for AVX-512 BF16, or else for AVX2 and FMA (decode and extend on either);
    what a build lacks is exported as functions that refuse every call (the end of this file). */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define HAVE_DECODE 1
