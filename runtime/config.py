@@ -258,6 +258,11 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     @property
+    def jumps_mid_call(self) -> bool:
+        """Jump-forward also in the middle of calls: it needs the radix cache (runtime.sglang_adapter.jump_forward)."""
+        return self.jump_forward and self.radix_cache
+
+    @property
     def cache_dir(self) -> Path:
         if self.model_cache_dir:
             return Path(self.model_cache_dir).expanduser()

@@ -82,7 +82,7 @@ def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
         # An idle scheduler otherwise polls in a busy loop: a whole core on a small CPU host, taken
         # from the server's own process (and any other engine); with this it waits on its sockets.
         kwargs["sleep_on_idle"] = True
-        if cfg.jump_forward and cfg.radix_cache:
+        if cfg.jumps_mid_call:
             # runtime.sglang_adapter.jump_forward moves a request out of the batch after a step: with
             # the overlap scheduler the next step would hold it (no loss on CPU: BENCHMARKS, tenth round)
             kwargs["disable_overlap_schedule"] = True
@@ -171,7 +171,7 @@ class EmbeddedBackend(TokenBackend):
             os.environ[sglang_plugin.DECODE_ENV] = "lean" if self._cfg.cpu_lean_decode else "sglang"
             os.environ[native.ENV] = "native" if self._cfg.cpu_attention_kernel else "sdpa"
             os.environ[native.GEMM_ENV] = "native" if self._cfg.cpu_gemm_kernel else "onednn"
-            os.environ[jump_forward.ENV] = "on" if self._cfg.jump_forward and self._cfg.radix_cache else "off"
+            os.environ[jump_forward.ENV] = "on" if self._cfg.jumps_mid_call else "off"
         log.info("starting SGLang engine: %s", {k: v for k, v in kwargs.items() if k != "model_path"})
         metrics_dir = _prometheus_dir() if kwargs.get("enable_metrics") else None
         before = _children()
