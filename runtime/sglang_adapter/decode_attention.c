@@ -46,6 +46,7 @@ static inline uint16_t bf16_round(float f) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define HAVE_DECODE 1
 #define HAVE_EXTEND 1
+#define EXTEND_FORM 1 /* the extend kernel on VDPBF16PS */
 
 /* e^x for x <= 0 (lanes below -87 give about 1e-38). Cody-Waite reduction, degree-6 polynomial:
    about 1 ulp. */
@@ -423,6 +424,7 @@ static void extend_pv_amx(const uint32_t *pp, const uint32_t *vb, int dh, int D,
 #elif defined(__AVX2__) && defined(__FMA__)
 #define HAVE_DECODE 1
 #define HAVE_EXTEND 1
+#define EXTEND_FORM 2 /* the extend kernel on fp32 FMAs */
 
 /* ---- Decode attention on AVX2 ---------------------------------------------------------------------
 
@@ -711,7 +713,7 @@ int agent_rt_decode_attention(const uint16_t *q, int64_t q_stride, const uint16_
 #define KB 32  /* keys per block */
 #define QT 48  /* query vectors per task (padded) */
 
-#if defined(__AVX512BF16__)
+#if EXTEND_FORM == 1
 typedef uint32_t ext_word;                    /* two bf16 */
 #define EXT_WORDS(D) ((int64_t)(KB / 2) * (D)) /* per block and KV head, of K and of V each */
 
@@ -1087,11 +1089,7 @@ int agent_rt_extend_attention(const uint16_t *q, int64_t q_stride, const uint16_
 }
 
 /* Which extend kernel this build has: 1 on VDPBF16PS (AVX-512 BF16), 2 on fp32 FMAs (AVX2). */
-#if defined(__AVX512BF16__)
-int agent_rt_extend_ready(void) { return 1; }
-#else
-int agent_rt_extend_ready(void) { return 2; }
-#endif
+int agent_rt_extend_ready(void) { return EXTEND_FORM; }
 
 #else /* neither AVX-512 BF16 nor AVX2 in this build: no extend kernel */
 
