@@ -59,7 +59,6 @@ GEMM_ENV = "AGENT_RUNTIME_CPU_GEMM_KERNEL"  # "native" (default) or "onednn"; se
 TILES_ENV = "AGENT_RUNTIME_CPU_ATTENTION_TILES"
 SOURCES = tuple(Path(__file__).resolve().with_name(name) for name in ("decode_attention.c", "small_gemm.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-CPU_FEATURES = ("avx512f", "avx512bw", "avx512_bf16")  # /proc/cpuinfo names: the attention kernels
 ABI_VERSION = 6
 GEMM_CPU_FEATURES = ("amx_tile", "amx_bf16")  # the GEMM on AMX tiles
 BUILD_CPU_FEATURES = ("avx2", "fma")  # the library at all, and the GEMM on AVX2 where oneDNN has no bf16
